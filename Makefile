@@ -1,0 +1,47 @@
+# medsynth: `make install` sets everything up; `make test` sets up, lints and tests.
+#
+# The virtual environment lives in .venv. torch is installed first, on its own, from TORCH_SPEC:
+# the default pins the CPU build so that a plain install does not pull several GB of CUDA
+# libraries. GPU users choose their build, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-run the install whenever the package metadata changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $@
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check medsynth tests benchmarks
+	$(BIN)/ruff format --check medsynth tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix medsynth tests benchmarks
+	$(BIN)/ruff format medsynth tests benchmarks
+
+# pytest exits 5 when it collects no tests; make treats that as the failure it is.
+test: lint
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/preprocess_cache.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

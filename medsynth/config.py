@@ -1,0 +1,303 @@
+"""Every setting medsynth has, with its default, in one place.
+
+Settings are frozen dataclasses grouped by the part of the pipeline they steer. They are built from
+three layers, later layers winning: the defaults below < a YAML file < ``--set section.key=value``
+overrides. Explicit command-line flags are applied last by the CLI. Unknown keys and ill-typed values
+are errors that name the key and suggest the closest valid one, because a silently ignored typo in
+a training config costs a GPU-day.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message is meant for the user as is."""
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class IoConfig:
+    """How sources are found and read."""
+
+    # 4D images (fMRI, DWI, multi-echo DICOM): "skip" reports them, "split" turns each frame into
+    # its own volume, "first" keeps frame 0. Skipping is the default because a GAN trained on
+    # mixed frames of a diffusion series learns the wrong thing silently.
+    four_d: Literal["skip", "split", "first"] = "skip"
+    # An axis shorter than this is not a volume (a single slice, a 2-slice localizer).
+    min_slices: int = 3
+    follow_symlinks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_slices < 2:
+            raise ConfigError(f"io.min_slices must be at least 2, got {self.min_slices}")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What the dataset plan is derived from. Everything left as "auto" is read off the data."""
+
+    # Voxel grid the model sees, (x, y, z) in RAS order. Each axis a power of two from 16 to 256.
+    target_shape: tuple[int, int, int] = (64, 64, 64)
+    # Target voxel spacing in mm, or None to derive it: the coarsest spacing at which the target
+    # grid still covers the foreground of `fit_quantile` of the sources.
+    spacing: tuple[float, float, float] | None = None
+    isotropic: bool = True
+    fit_quantile: float = 0.9
+    # "auto" reads DICOM Modality and checks it against the intensities (Hounsfield units have air
+    # near -1000); NIfTI carries no modality, so intensities decide.
+    modality: Literal["auto", "ct", "mr"] = "auto"
+    # CT: a fixed window in Hounsfield units, mapped to [-1, 1]. The default keeps air, soft tissue
+    # and most cortical bone; narrow it for soft-tissue-only work.
+    ct_window: tuple[float, float] = (-1024.0, 2048.0)
+    # MRI has no absolute units, so each volume is windowed at its own percentiles.
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Resample onto world-aligned (RAS) axes, which removes obliquity and gantry-tilt shear, so
+    # every training volume shows anatomy the same way up. Off keeps the voxel axes (and the tilt).
+    deoblique: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.target_shape) != 3:
+            raise ConfigError(f"plan.target_shape needs 3 sizes, got {list(self.target_shape)}")
+        for n in self.target_shape:
+            if not (_is_power_of_two(n) and 16 <= n <= 256):
+                raise ConfigError(
+                    f"plan.target_shape sizes must be powers of two from 16 to 256, got {list(self.target_shape)}"
+                )
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ConfigError(f"plan.spacing must be 3 positive numbers in mm, got {self.spacing}")
+        if not 0.0 < self.fit_quantile <= 1.0:
+            raise ConfigError(f"plan.fit_quantile must be in (0, 1], got {self.fit_quantile}")
+        lo, hi = self.ct_window
+        if not lo < hi:
+            raise ConfigError(f"plan.ct_window must be [low, high] with low < high, got {list(self.ct_window)}")
+        plo, phi = self.mr_percentiles
+        if not 0.0 <= plo < phi <= 100.0:
+            raise ConfigError(
+                f"plan.mr_percentiles must satisfy 0 <= low < high <= 100, got {list(self.mr_percentiles)}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where preprocessed volumes live and how they are built."""
+
+    # None: $MEDSYNTH_CACHE, else $XDG_CACHE_HOME/medsynth, else ~/.cache/medsynth.
+    dir: str | None = None
+    # Worker processes for reading and preprocessing; 0 means one per CPU core.
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"cache.workers must be 0 (one per core) or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Light, anatomy-preserving augmentation applied when the Dataset serves a volume."""
+
+    # RAS axes that may be flipped. Only left-right (0) by default: brains are roughly symmetric
+    # left to right, but never upside down, and the generator learns whatever D is shown.
+    flip_axes: tuple[int, ...] = (0,)
+    flip_probability: float = 0.5
+    # Contrast jitter: intensities are scaled about the background value (-1) by a factor drawn
+    # from [1 - j, 1 + j]. Off by default because it widens the learnt intensity distribution.
+    intensity_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ConfigError(f"augment.flip_axes must name axes 0, 1 or 2, got {list(self.flip_axes)}")
+        if not 0.0 <= self.flip_probability <= 1.0:
+            raise ConfigError(f"augment.flip_probability must be in [0, 1], got {self.flip_probability}")
+        if not 0.0 <= self.intensity_jitter < 1.0:
+            raise ConfigError(f"augment.intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    io: IoConfig = field(default_factory=IoConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain data, with validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {list(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported setting type {tp!r}")  # a bug in this module, not in input
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown setting {prefix}{key}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain, JSON- and YAML-safe data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML, so ``[64,64,32]`` and ``true`` work."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML file < ``--set`` overrides. Raises ConfigError with a user-facing message."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        data = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that re-runs validation (frozen dataclasses validate in __post_init__)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,107 @@
+"""All terminal output: the only module that imports rich.
+
+Results (tables, JSON) go to stdout; progress, warnings and errors go to stderr, so that
+`medsynth inspect DIR --json > out.json` stays clean. Progress bars are drawn only on a terminal;
+in logs (cluster jobs, CI) they become a plain line every few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# Without a terminal rich assumes 80 columns, which folds file names in logs; use a wide page.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, soft_wrap=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False)
+
+
+def interactive() -> bool:
+    return err.is_terminal
+
+
+def error(message: str) -> None:
+    """One line, no traceback: what went wrong and, where known, the file."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def table(title: str | None, columns: list[str], rows: list[list[str]], **kwargs) -> Table:
+    result = Table(title=title, title_justify="left", show_lines=False, **kwargs)
+    for column in columns:
+        result.add_column(column, overflow="fold")
+    for row in rows:
+        result.add_row(*(escape(cell) for cell in row))  # file names may contain [brackets]
+    return result
+
+
+class _LogProgress:
+    """Progress for logs: a line when a phase starts, every `interval` seconds, and at the end."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self.phase: str | None = None
+        self.last = 0.0
+        self.started = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase != self.phase:
+            self.phase, self.last, self.started = phase, now, now
+            if total:
+                info(f"{phase}: 0/{total}")
+            return
+        if done == total or now - self.last >= self.interval:
+            self.last = now
+            rate = done / max(now - self.started, 1e-9)
+            info(f"{phase}: {done}/{total} ({rate:.1f}/s)")
+
+
+@contextmanager
+def progress_reporter(enabled: bool = True) -> Iterator:
+    """Yield a `(phase, done, total)` callback: a rich progress bar on a terminal, log lines otherwise."""
+    if not enabled:
+        yield None
+        return
+    if not interactive():
+        yield _LogProgress()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bars.add_task(phase, total=total)
+        bars.update(tasks[phase], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def print_json(data) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")

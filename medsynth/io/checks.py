@@ -1,0 +1,62 @@
+"""Shape and value checks shared by every reader, so all formats reject the same things the same way."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medsynth.io.volume import SourceError
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(n) for n in shape)
+
+
+def frame_count(name: str, shape: tuple[int, ...], min_slices: int) -> int:
+    """Check a stored image shape; return how many 3D frames it holds (1 for a plain volume).
+
+    Raises SourceError for what is not a volume: 2D images, zero-sized axes, axes shorter than
+    `min_slices`, and images with more than one non-spatial dimension.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 3:
+        raise SourceError(name, f"2D image ({_fmt_shape(shape)}), not a volume")
+    if 0 in shape:
+        raise SourceError(name, f"zero-sized axis (shape {_fmt_shape(shape)})")
+    spatial = shape[:3]
+    extra = [n for n in shape[3:] if n != 1]
+    if len(extra) > 1:
+        raise SourceError(name, f"{len(shape)}D image ({_fmt_shape(shape)}); only 3D and 4D images are supported")
+    flat_axes = [axis for axis, n in enumerate(spatial) if n == 1]
+    if len(flat_axes) == 1:
+        raise SourceError(name, f"2D image stored as 3D ({_fmt_shape(spatial)}), not a volume")
+    short = [(axis, n) for axis, n in enumerate(spatial) if n < min_slices]
+    if short:
+        axis, n = short[0]
+        raise SourceError(
+            name,
+            f"only {n} voxel{'s' if n != 1 else ''} along axis {'xyz'[axis]} ({_fmt_shape(spatial)}): "
+            f"too few to form a volume (io.min_slices = {min_slices})",
+        )
+    return extra[0] if extra else 1
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """NaN or Inf voxels would poison every statistic and the GAN's loss; refuse them with a count."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(array).sum())
+    n_inf = int(array.size - finite.sum() - n_nan)
+    parts = []
+    if n_nan:
+        parts.append(f"{n_nan} NaN")
+    if n_inf:
+        parts.append(f"{n_inf} infinite")
+    raise SourceError(name, f"{' and '.join(parts)} voxel values (of {array.size})")
+
+
+def check_affine(name: str, affine: np.ndarray) -> None:
+    if not np.isfinite(affine).all():
+        raise SourceError(name, "the voxel-to-world affine contains NaN or Inf")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise SourceError(name, "the voxel-to-world affine is singular (a zero voxel size or collapsed axes)")

@@ -1,0 +1,87 @@
+"""NIfTI-1, NIfTI-2 (and Analyze/MGH) through nibabel, the reference for NIfTI's sform/qform rules."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from medsynth.io.volume import SourceError, shear_degrees
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".mgh", ".mgz")
+
+
+def describe_error(exc: BaseException) -> str:
+    """Turn a reader's exception into a short reason a person understands."""
+    if isinstance(exc, PermissionError):
+        return "cannot read: permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) or "end-of-stream" in str(exc):
+        return "truncated or corrupt compressed data"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Expected" in text and "bytes" in text:
+        return f"truncated: the file is shorter than its header says ({text})"
+    return text[:200]
+
+
+def _load(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for junk input; all mean "not readable"
+        reason = describe_error(exc)
+        if isinstance(exc, PermissionError):
+            raise SourceError(str(path), reason) from None
+        raise SourceError(str(path), f"not a readable NIfTI/Analyze image ({reason})") from None
+
+
+def probe(path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
+    """Read only the header: the stored shape and any warnings about geometry."""
+    image = _load(path)
+    header = image.header
+    dtype = header.get_data_dtype()
+    if dtype.names is not None or dtype.kind == "c":
+        raise SourceError(name, f"{'RGB/structured' if dtype.names else 'complex'} voxels ({dtype}) are not supported")
+    return tuple(int(n) for n in image.shape), geometry_warnings(image)
+
+
+def geometry_warnings(image) -> list[str]:
+    warnings = []
+    header = image.header
+    if "sform_code" in header and int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        warnings.append("no sform or qform: the orientation is unknown and assumed RAS-like from voxel sizes")
+    shear = shear_degrees(image.affine)
+    if shear > 0.1:
+        warnings.append(f"the affine is not orthogonal (axes sheared by {shear:.1f}°); resampling honours it")
+    return warnings
+
+
+def read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Voxels as float32 (x, y, z) with scl_slope/scl_inter applied, and nibabel's RAS+ affine."""
+    image = _load(path)
+    try:
+        proxy = image.dataobj
+        shape = tuple(int(n) for n in image.shape)
+        if len(shape) > 3:
+            # Squeeze singleton trailing axes; pick the frame along the one non-singleton axis.
+            index: list[int | slice] = [slice(None)] * 3
+            for n in shape[3:]:
+                index.append(frame if (n > 1 and frame is not None) else 0)
+            data = np.asarray(proxy[tuple(index)], dtype=np.float32)
+        else:
+            data = np.asarray(proxy, dtype=np.float32)  # the proxy applies scl_slope / scl_inter
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(name, describe_error(exc)) from None
+    meta = {
+        "reader": "nibabel",
+        "format": type(image).__name__.replace("Image", ""),
+        "stored_dtype": image.get_data_dtype().newbyteorder("=").name,
+        "warnings": geometry_warnings(image),
+    }
+    return data, np.asarray(image.affine, dtype=np.float64), meta

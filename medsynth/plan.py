@@ -1,0 +1,320 @@
+"""The dataset fingerprint (what the scans are) and the `Plan` derived from it (what the model sees).
+
+As in nnU-Net, nothing about the target grid is hard-coded: the fingerprint records each source's
+geometry, modality and intensities, and the plan picks a spacing, a power-of-two shape and an
+intensity window from them. The plan is saved as JSON and travels inside every checkpoint, so that
+sampling can map synthetic volumes back to real units and real space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth import __version__
+from medsynth.atomic import atomic_write_json
+from medsynth.config import PlanConfig
+from medsynth.io import Volume
+from medsynth.io.volume import obliquity_degrees
+from medsynth.preprocess import PREPROCESS_VERSION, foreground_box, foreground_mask, reorient_to_ras
+
+FINGERPRINT_VERSION = 6
+PLAN_VERSION = 1
+
+_PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
+# A source whose spacing or foreground extent differs from the median by more than this factor,
+# or whose intensity scale differs by more than `_SCALE_OUTLIER`, is listed as an outlier.
+_GEOMETRY_OUTLIER = 1.5
+_SCALE_OUTLIER = 10.0
+
+
+class PlanError(ValueError):
+    """No plan can be made (no usable sources, contradictory settings). The message is for users."""
+
+
+@dataclass(frozen=True)
+class SourceFingerprint:
+    name: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    orientation: str  # voxel axis codes as stored, e.g. "PSR"
+    obliquity_degrees: float
+    modality: str  # "ct" or "mr" (anything not in Hounsfield units is windowed like MRI)
+    header_modality: str | None  # DICOM Modality; None for formats without one
+    percentiles: dict[str, float]  # of all voxels, keyed "p0.5", "p50", ...; plus "min", "max"
+    foreground_high: float  # 99.5th percentile of foreground voxels
+    foreground_fraction: float
+    foreground_extent_mm: tuple[float, float, float]  # bounding box along R, A, S
+    value_dtype: str  # the smallest dtype holding the values exactly
+    voxel_hash: str  # of the RAS-ordered voxels: finds the same scan stored twice, in any format
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceFingerprint:
+        data = dict(data)
+        for key in ("shape", "spacing", "foreground_extent_mm", "warnings"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def _looks_like_hounsfield(array: np.ndarray) -> bool:
+    """CT in Hounsfield units has air at about -1000 HU; MRI magnitude images are never negative."""
+    return float(array.min()) >= -4000.0 and float(np.mean(array <= -900.0)) >= 0.005
+
+
+def _value_dtype(array: np.ndarray) -> str:
+    low, high = float(array.min()), float(array.max())
+    if not np.array_equal(array, np.round(array)):
+        return "float32"
+    for name, info in (("uint8", np.iinfo(np.uint8)), ("int16", np.iinfo(np.int16)), ("uint16", np.iinfo(np.uint16))):
+        if info.min <= low and high <= info.max:
+            return name
+    return "float32"
+
+
+def fingerprint_volume(volume: Volume, name: str | None = None) -> SourceFingerprint:
+    """Everything the plan needs to know about one volume, from one pass over its voxels."""
+    array = volume.array
+    name = name or str(volume.meta.get("source", "?"))
+    warnings = list(volume.meta.get("warnings", []))
+    header = volume.meta.get("modality")
+    hounsfield = _looks_like_hounsfield(array)
+    if header == "CT" and not hounsfield:
+        warnings.append(
+            "DICOM Modality is CT but the values are not Hounsfield units (no air near -1000): windowed as MRI"
+        )
+    modality = "ct" if hounsfield and header in (None, "CT") else "mr"
+
+    values = np.percentile(array, _PERCENTILES)
+    percentiles = {f"p{p:g}": float(v) for p, v in zip(_PERCENTILES, values)}
+    percentiles["min"], percentiles["max"] = float(array.min()), float(array.max())
+
+    ras, ras_affine = reorient_to_ras(array, volume.affine)
+    mask = foreground_mask(ras, modality)
+    box = foreground_box(mask)
+    if box is None:
+        warnings.append("no foreground found: the volume is flat")
+        extent = (0.0, 0.0, 0.0)
+        high = percentiles["max"]
+    else:
+        low_corner, high_corner = box
+        corners = np.array(
+            [[i, j, k] for i in (low_corner[0] - 0.5, high_corner[0] + 0.5)
+             for j in (low_corner[1] - 0.5, high_corner[1] + 0.5)
+             for k in (low_corner[2] - 0.5, high_corner[2] + 0.5)]
+        )  # fmt: skip
+        world = corners @ ras_affine[:3, :3].T + ras_affine[:3, 3]
+        extent = tuple(float(v) for v in world.max(axis=0) - world.min(axis=0))
+        high = float(np.percentile(ras[mask], 99.5))
+    return SourceFingerprint(
+        name=name,
+        shape=volume.shape,
+        spacing=tuple(round(s, 6) for s in volume.spacing),  # type: ignore[arg-type]
+        orientation=volume.orientation,
+        obliquity_degrees=round(obliquity_degrees(volume.affine), 3),
+        modality=modality,
+        header_modality=header,
+        percentiles=percentiles,
+        foreground_high=high,
+        foreground_fraction=float(mask.mean()),
+        foreground_extent_mm=extent,  # type: ignore[arg-type]
+        value_dtype=_value_dtype(array),
+        voxel_hash=hashlib.sha256(np.ascontiguousarray(ras, dtype=np.float32).tobytes()).hexdigest()[:16],
+        warnings=tuple(warnings),
+    )
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    sources: tuple[SourceFingerprint, ...]
+    modality_counts: dict[str, int]
+    orientation_counts: dict[str, int]
+    median_shape: tuple[float, float, float]
+    median_spacing: tuple[float, float, float]
+    median_extent_mm: tuple[float, float, float]
+    median_foreground_fraction: float
+    median_window: tuple[float, float]  # median p0.5 of all voxels, median foreground p99.5
+    outliers: tuple[tuple[str, str], ...]  # (source name, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median(rows: list) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.median(np.asarray(rows, dtype=np.float64), axis=0))
+
+
+def summarise(fingerprints: list[SourceFingerprint]) -> DatasetFingerprint:
+    """Medians across the set, and the sources that stand out from them."""
+    if not fingerprints:
+        raise PlanError("no usable volumes to fingerprint")
+    modality_counts = Counter(f.modality for f in fingerprints)
+    majority = modality_counts.most_common(1)[0][0]
+    spacing = _median([f.spacing for f in fingerprints])
+    extent = _median([f.foreground_extent_mm for f in fingerprints])
+    scale = float(np.median([f.foreground_high for f in fingerprints]))
+    outliers = []
+    first_with_hash: dict[str, str] = {}
+    for f in fingerprints:
+        reasons = []
+        if f.voxel_hash in first_with_hash:
+            reasons.append(f"the same voxels as {first_with_hash[f.voxel_hash]} (a duplicate counts twice in training)")
+        first_with_hash.setdefault(f.voxel_hash, f.name)
+        if f.modality != majority:
+            reasons.append(f"modality {f.modality.upper()} in a mostly {majority.upper()} set")
+        ratio = np.asarray(f.spacing) / np.maximum(spacing, 1e-9)
+        if (ratio > _GEOMETRY_OUTLIER).any() or (ratio < 1 / _GEOMETRY_OUTLIER).any():
+            reasons.append(f"spacing {_fmt(f.spacing)} mm vs median {_fmt(spacing)}")
+        ratio = np.asarray(f.foreground_extent_mm) / np.maximum(extent, 1e-9)
+        if (ratio > _GEOMETRY_OUTLIER).any() or (ratio < 1 / _GEOMETRY_OUTLIER).any():
+            reasons.append(f"foreground extent {_fmt(f.foreground_extent_mm, 0)} mm vs median {_fmt(extent, 0)}")
+        if majority == "mr" and f.modality == "mr" and scale > 0 and f.foreground_high > 0:
+            factor = f.foreground_high / scale
+            if factor > _SCALE_OUTLIER or factor < 1 / _SCALE_OUTLIER:
+                reasons.append(f"intensity scale {factor:.3g}× the median (per-volume windowing absorbs this)")
+        if f.foreground_fraction == 0.0:
+            reasons.append("no foreground")
+        if reasons:
+            outliers.append((f.name, "; ".join(reasons)))
+    return DatasetFingerprint(
+        sources=tuple(fingerprints),
+        modality_counts=dict(modality_counts),
+        orientation_counts=dict(Counter(f.orientation for f in fingerprints)),
+        median_shape=_median([f.shape for f in fingerprints]),  # type: ignore[arg-type]
+        median_spacing=spacing,  # type: ignore[arg-type]
+        median_extent_mm=extent,  # type: ignore[arg-type]
+        median_foreground_fraction=float(np.median([f.foreground_fraction for f in fingerprints])),
+        median_window=(
+            float(np.median([f.percentiles["p0.5"] for f in fingerprints])),
+            float(np.median([f.foreground_high for f in fingerprints])),
+        ),
+        outliers=tuple(outliers),
+    )
+
+
+def _fmt(values, digits: int = 2) -> str:
+    return "×".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{v:.0f}" for v in values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every volume is turned into before training, and how to turn model output back."""
+
+    modality: str  # "ct" or "mr"
+    target_shape: tuple[int, int, int]  # (x, y, z), RAS
+    spacing: tuple[float, float, float]  # mm
+    deoblique: bool
+    # "fixed": `window` is a Hounsfield window applied to every volume (CT).
+    # "percentile": each volume is windowed at its own `percentiles` (MRI); `window` is then the
+    # dataset's typical window, used to map synthetic volumes back to realistic values.
+    intensity_mode: str
+    window: tuple[float, float]
+    percentiles: tuple[float, float] | None
+    output_dtype: str  # dtype that synthetic volumes are written in
+    n_sources: int
+    spacing_reason: str = ""
+    version: int = PLAN_VERSION
+    medsynth_version: str = __version__
+    notes: tuple[str, ...] = field(default=())
+
+    def preprocessing_key(self) -> str:
+        """Hash of everything that changes a preprocessed volume; part of every cache key."""
+        relevant = {
+            "modality": self.modality,
+            "target_shape": list(self.target_shape),
+            "spacing": list(self.spacing),
+            "deoblique": self.deoblique,
+            "intensity_mode": self.intensity_mode,
+            "window": list(self.window) if self.intensity_mode == "fixed" else None,
+            "percentiles": list(self.percentiles) if self.percentiles else None,
+            "preprocess_version": PREPROCESS_VERSION,
+            "plan_version": self.version,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')} is not supported (this medsynth reads {PLAN_VERSION})")
+        for key in ("target_shape", "spacing", "window", "notes"):
+            data[key] = tuple(data[key])
+        if data.get("percentiles") is not None:
+            data["percentiles"] = tuple(data["percentiles"])
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _round_up(value: float, step: float = 0.05) -> float:
+    return float(np.ceil(value / step - 1e-9) * step).__round__(4)
+
+
+def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
+    """Derive the plan: modality, spacing, shape and intensity window."""
+    sources = fingerprint.sources
+    notes = []
+    if config.modality != "auto":
+        modality = config.modality
+    else:
+        modality = max(fingerprint.modality_counts, key=lambda m: fingerprint.modality_counts[m])
+        if len(fingerprint.modality_counts) > 1:
+            counts = ", ".join(f"{n} {m.upper()}" for m, n in fingerprint.modality_counts.items())
+            notes.append(f"mixed modalities ({counts}); planned as {modality.upper()}")
+
+    target = np.asarray(config.target_shape, dtype=np.float64)
+    if config.spacing is not None:
+        spacing = tuple(float(s) for s in config.spacing)
+        reason = "set in the config (plan.spacing)"
+    else:
+        extents = np.asarray([f.foreground_extent_mm for f in sources], dtype=np.float64)
+        covered = np.quantile(extents, config.fit_quantile, axis=0)
+        native = np.min(fingerprint.median_spacing)
+        fit = covered / target
+        if config.isotropic:
+            finest = max(float(fit.max()), float(native))
+            spacing = (_round_up(finest),) * 3
+        else:
+            spacing = tuple(_round_up(max(float(f), float(native))) for f in fit)
+        reason = (
+            f"the {_fmt(config.target_shape, 0)} grid covers the foreground of {config.fit_quantile:.0%} of sources "
+            f"({_fmt(covered, 0)} mm), never finer than the median native spacing ({native:.2g} mm)"
+        )
+
+    if modality == "ct":
+        intensity_mode, window, percentiles = "fixed", tuple(config.ct_window), None
+        output_dtype = "int16"
+    else:
+        intensity_mode, percentiles = "percentile", tuple(config.mr_percentiles)
+        window = fingerprint.median_window
+        if window[1] <= window[0]:
+            window = (window[0], window[0] + 1.0)
+        dtypes = Counter(f.value_dtype for f in sources if f.modality == modality) or Counter(["float32"])
+        output_dtype = dtypes.most_common(1)[0][0]
+    return Plan(
+        modality=modality,
+        target_shape=tuple(int(n) for n in config.target_shape),  # type: ignore[arg-type]
+        spacing=spacing,  # type: ignore[arg-type]
+        deoblique=config.deoblique,
+        intensity_mode=intensity_mode,
+        window=(float(window[0]), float(window[1])),
+        percentiles=percentiles,  # type: ignore[arg-type]
+        output_dtype=output_dtype,
+        n_sources=len(sources),
+        spacing_reason=reason,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# ../shared/data beside the checkout; MEDSYNTH_TEST_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("MEDSYNTH_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache folder: no test sees another's cached volumes, or the user's."""
+    monkeypatch.setenv("MEDSYNTH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run `medsynth ARGS...` in-process; return (exit code, stdout, stderr)."""
+    from medsynth.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["medsynth", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
