@@ -104,6 +104,251 @@ def inspect(
             console.info(f"plan written to {save_plan}")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  medsynth train ~/scans/brains -o runs/brains --config configs/brain-mri-64.yaml\n\n"
+        "  medsynth train ~/scans/brains -o runs/brains --max-steps 20000   # resume, and train longer\n\n"
+        "  torchrun --nproc_per_node 4 -m medsynth train ~/scans/ct -o runs/ct --config configs/ct-128.yaml"
+    )
+)
+def train(
+    scan_dir: Path = typer.Argument(..., help="Folder of training scans (NIfTI, DICOM series, NRRD, MHA)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Run folder. If it holds a checkpoint, training resumes from it."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Start over in a run folder that holds a run with other settings."
+    ),
+    device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Generator updates to train to (train.max_steps)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Volumes per update per process (train.batch_size)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for everything (seed)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Plan and size the models, print parameter and FLOP counts, train nothing."
+    ),
+) -> None:
+    """Train the 3D DCGAN on a folder of scans. Resumes automatically; SIGINT/SIGTERM checkpoint and stop."""
+    from medsynth import console
+    from medsynth.config import replace
+
+    settings = _load_config(config, set_)
+    flags = {
+        k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "device": device}.items() if v is not None
+    }
+    if flags:
+        settings = replace(settings, train=replace(settings.train, **flags))
+    if seed is not None:
+        settings = replace(settings, seed=seed)
+    if not scan_dir.exists():
+        raise Failure(f"{scan_dir}: no such file or folder", code=2)
+    if dry_run:
+        _dry_run(scan_dir, settings)
+        return
+
+    from medsynth import distributed
+    from medsynth.checkpoint import CheckpointError
+    from medsynth.plan import PlanError
+    from medsynth.runs import RunRefused, train_run
+    from medsynth.train import TrainingStopped
+
+    try:
+        runtime = distributed.setup(settings.train.device)
+    except ValueError as exc:
+        raise Failure(str(exc), code=2) from None
+    try:
+        with (
+            console.progress_reporter() as progress,
+            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
+        ):
+            result = train_run(
+                scan_dir,
+                output,
+                settings,
+                runtime,
+                force=force,
+                progress=progress,
+                on_step=display,
+                on_message=console.info,
+            )
+    except RunRefused as exc:
+        raise Failure(str(exc), code=2) from None
+    except (PlanError, CheckpointError) as exc:
+        raise Failure(str(exc)) from None
+    except TrainingStopped as exc:
+        if runtime.is_main:
+            console.warn(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    finally:
+        distributed.teardown(runtime)
+    if runtime.is_main:
+        console.info(
+            f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
+            f"metrics in {output / 'metrics.jsonl'}"
+        )
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  medsynth sample runs/brains -n 100 -o synthetic/ --preview\n\n"
+        "  medsynth sample runs/brains/checkpoints/last.pt -n 10000 -o synthetic/ --shard $SLURM_ARRAY_TASK_ID/16\n\n"
+        "  medsynth sample runs/ct -n 20 -o synthetic-dicom/ --format dicom"
+    )
+)
+def sample(
+    source: Path = typer.Argument(..., help="A run folder (its checkpoints/last.pt) or a checkpoint file."),
+    count: int = typer.Option(..., "-n", "--count", help="How many volumes in the whole set (all shards together)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder for the volumes, their JSON sidecars and manifest.json."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Base seed: sample i uses a seed derived from (seed, i)."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Volumes generated at a time (memory); the voxels do not depend on it."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+    file_format: str = typer.Option(
+        "nifti", "--format", help="nifti (.nii.gz files) or dicom (a series folder per sample)."
+    ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/k: make only every k-th sample, from i (cluster array jobs)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace samples already in the folder instead of skipping them."
+    ),
+    preview: bool = typer.Option(False, "--preview", help="Also write preview.png: mid-slices of the first samples."),
+) -> None:
+    """Write synthetic volumes in real units and real geometry, with a provenance sidecar each."""
+    from medsynth import console
+    from medsynth.checkpoint import CheckpointError
+    from medsynth.distributed import resolve_device
+    from medsynth.sample import SampleError, SampleRequest, Shard, run_sampling
+
+    try:
+        request = SampleRequest(
+            checkpoint=source,
+            count=count,
+            out_dir=output,
+            seed=seed,
+            batch_size=batch_size,
+            device=resolve_device(device),
+            file_format=file_format,
+            shard=Shard.parse(shard),
+            force=force,
+            preview=preview,
+        )
+    except (SampleError, ValueError) as exc:
+        raise Failure(str(exc), code=2) from None
+    try:
+        with console.progress_reporter() as progress:
+            summary = run_sampling(request, progress=progress)
+    except (SampleError, CheckpointError) as exc:
+        raise Failure(str(exc)) from None
+    message = (
+        f"{summary['written']} written, {summary['skipped']} already there, in {summary['out_dir']} (manifest.json)"
+    )
+    if summary["preview"]:
+        message += f"; preview {summary['preview']}"
+    console.info(message)
+
+
+@app.command(epilog="Example:\n\n  medsynth demo -o demo/")
+def demo(
+    output: Path = typer.Option(Path("demo"), "--output", "-o", help="Folder for phantoms, the run and the samples."),
+    steps: int = typer.Option(
+        1500, "--steps", help="Training steps (about 3 minutes on 2 CPU cores at the default size)."
+    ),
+    size: int = typer.Option(32, "--size", help="Volume side in voxels: 16, 32 or 64."),
+    phantoms: int = typer.Option(32, "--phantoms", help="How many head phantoms to train on."),
+    samples: int = typer.Option(8, "--samples", help="Synthetic volumes to write."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda ..."),
+    force: bool = typer.Option(False, "--force", help="Start the demo's training over instead of resuming it."),
+) -> None:
+    """Run the whole pipeline on built-in head phantoms: train briefly, sample, write previews."""
+    from medsynth import console, distributed
+    from medsynth.demo import demo_config, run_demo
+    from medsynth.runs import RunRefused
+    from medsynth.train import TrainingStopped
+
+    settings = demo_config(steps, size, [*set_, f"train.device={device}"])
+    runtime = distributed.setup(settings.train.device)
+    try:
+        with (
+            console.progress_reporter() as progress,
+            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
+        ):
+            result = run_demo(
+                output,
+                settings,
+                runtime,
+                phantoms=phantoms,
+                samples=samples,
+                force=force,
+                progress=progress,
+                on_step=display,
+                on_message=console.info,
+            )
+    except RunRefused as exc:
+        raise Failure(str(exc), code=2) from None
+    except TrainingStopped as exc:
+        console.warn(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    rows = [
+        ["training data (phantoms, NIfTI)", result["phantoms"]],
+        ["run (checkpoints, metrics.jsonl)", result["run"]],
+        ["real volumes, as the model sees them", result["real_preview"]],
+        [f"generator at step {result['step']}", result["training_preview"]],
+        ["synthetic volumes (NIfTI + sidecars)", result["samples"]],
+        ["synthetic volumes, preview", result["sample_preview"] or "-"],
+    ]
+    console.out.print(console.table("Demo finished", ["what", "where"], rows))
+
+
+def _flops(gflops: float) -> str:
+    if gflops >= 1000:
+        return f"{gflops / 1000:.2f} TFLOP"
+    if gflops >= 1:
+        return f"{gflops:.2f} GFLOP"
+    return f"{gflops * 1000:.2f} MFLOP"
+
+
+def _dry_run(scan_dir: Path, settings) -> None:
+    from medsynth import console
+    from medsynth.data import fingerprint_folder
+    from medsynth.plan import PlanError, make_plan
+    from medsynth.runs import describe_models
+
+    try:
+        with console.progress_reporter() as progress:
+            found = fingerprint_folder(scan_dir, settings, progress=progress)
+    except PlanError as exc:
+        raise Failure(str(exc)) from None
+    plan = make_plan(found.fingerprint, settings.plan)
+    sizes = describe_models(settings, plan)
+    rows = [
+        ["volumes", f"{len(found.sources)} usable, {len(found.discovery.problems)} skipped"],
+        ["volume shape", "×".join(map(str, sizes["volume_shape"])) + f" at {plan.spacing[0]:g} mm"],
+        [
+            "generator",
+            f"{sizes['generator_parameters']:,} parameters, {_flops(sizes['generator_gflops_per_volume'])} per volume",
+        ],
+        [
+            "discriminator",
+            f"{sizes['discriminator_parameters']:,} parameters, {_flops(sizes['discriminator_gflops_per_volume'])} per volume",
+        ],
+        [
+            "one training step",
+            f"{_flops(sizes['gflops_per_step'])} at batch {sizes['batch_size']} (forward + backward)",
+        ],
+    ]
+    console.out.print(console.table("Dry run: nothing trained", ["", ""], rows, show_header=False))
+
+
 def main() -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code.
 

@@ -124,6 +124,92 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The DCGAN generator and discriminator. The volume shape comes from the plan."""
+
+    latent_dim: int = 128
+    # Channels at the finest resolution; each halving of the grid doubles them, up to max_channels.
+    base_channels: int = 32
+    max_channels: int = 512
+    # Side of the smallest grid: the generator starts there and the discriminator ends there.
+    base_grid: int = 4
+    # Normalisation after every discriminator layer but the first.
+    discriminator_norm: Literal["batch", "instance", "none"] = "batch"
+    spectral_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.latent_dim < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:
+            raise ConfigError(
+                "model.latent_dim, model.base_channels must be positive and max_channels >= base_channels"
+            )
+        if not _is_power_of_two(self.base_grid) or not 2 <= self.base_grid <= 16:
+            raise ConfigError(f"model.base_grid must be a power of two from 2 to 16, got {self.base_grid}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The adversarial game."""
+
+    # non_saturating: D minimises BCE (real 1, fake 0); G minimises -log D(G(z)) (Goodfellow 2014).
+    # hinge: Lim & Ye 2017. wgan_gp: Wasserstein with gradient penalty (Gulrajani 2017).
+    name: Literal["non_saturating", "hinge", "wgan_gp"] = "non_saturating"
+    gp_weight: float = 10.0  # wgan_gp only
+    # R1 penalty gamma/2 * E||grad_x D(x)||^2 on real data (Mescheder 2018); 0 turns it off.
+    r1_gamma: float = 0.0
+    d_steps_per_g: int = 1
+    latent_prior: Literal["normal", "uniform"] = "normal"
+
+    def __post_init__(self) -> None:
+        if self.d_steps_per_g < 1:
+            raise ConfigError(f"loss.d_steps_per_g must be at least 1, got {self.d_steps_per_g}")
+        if self.r1_gamma < 0 or self.gp_weight < 0:
+            raise ConfigError("loss.r1_gamma and loss.gp_weight must not be negative")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the operational behaviour of a training run."""
+
+    max_steps: int = 5000  # generator updates
+    batch_size: int = 8  # per process: m real volumes and m noise samples per update
+    lr_generator: float = 2e-4
+    lr_discriminator: float = 2e-4
+    beta1: float = 0.5  # DCGAN: momentum 0.9 makes training oscillate
+    beta2: float = 0.999
+    ema_decay: float = 0.999  # of the generator's weights; previews and sampling use the average
+    # bf16 autocast: "auto" uses it on CUDA and stays fp32 on CPU (see docs/benchmarks.md).
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    loader_workers: int = -1  # -1: 0 on CPU (the memory-mapped cache is faster than a worker), 4 on GPU
+    log_every: int = 10  # steps between metrics lines (metrics.jsonl gets every step)
+    preview_every: int = 250
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # numbered checkpoints kept besides last.pt
+    preview_samples: int = 4
+    # Divergence guard: a non-finite loss, or D winning outright (mean D(G(z)) below 0.01 with
+    # D(x) above 0.99) for `d_win_steps` steps in a row.
+    on_divergence: Literal["rollback", "stop"] = "rollback"
+    max_rollbacks: int = 3
+    d_win_steps: int = 500
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "log_every", "preview_every", "checkpoint_every", "d_win_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr_generator <= 0 or self.lr_discriminator <= 0:
+            raise ConfigError("train learning rates must be positive")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.keep_checkpoints < 0 or self.max_rollbacks < 0 or self.preview_samples < 1:
+            raise ConfigError("train.keep_checkpoints and train.max_rollbacks must be >= 0, preview_samples >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -131,6 +217,9 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 

@@ -105,3 +105,70 @@ def print_json(data) -> None:
     import json
 
     sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+class TrainingDisplay:
+    """Training progress: a live bar with the latest losses on a terminal; without one (cluster
+    logs, CI), a plain line every `log_every` steps. Guard events are always printed."""
+
+    def __init__(self, total_steps: int, log_every: int = 10):
+        self.total = total_steps
+        self.start: int | None = None  # the first step seen (a resumed run starts part-way)
+        self.log_every = log_every
+        self.started = time.monotonic()
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> TrainingDisplay:
+        if interactive():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=err,
+                transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, completed=0, status="starting")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    @staticmethod
+    def status(metrics: dict) -> str:
+        parts = [f"D {metrics['loss_d']:.3f}", f"G {metrics['loss_g']:.3f}"]
+        if "d_real" in metrics:
+            parts.append(f"D(x) {metrics['d_real']:.2f} D(G(z)) {metrics['d_fake']:.2f}")
+        if "volumes_per_s" in metrics:
+            parts.append(f"{metrics['volumes_per_s']:.1f} vol/s")
+        return " | ".join(parts)
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if "event" in metrics:
+            warn(metrics["event"])
+            return
+        if self.start is None:
+            self.start, self.started = step - 1, time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=self.status(metrics))
+            return
+        if step % self.log_every == 0 or step == self.total:
+            done = step - (self.start or 0)
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / max(done, 1) * (self.total - step)
+            info(f"step {step}/{self.total} | {self.status(metrics)} | eta {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

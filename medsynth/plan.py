@@ -24,7 +24,7 @@ from medsynth.io import Volume
 from medsynth.io.volume import obliquity_degrees
 from medsynth.preprocess import PREPROCESS_VERSION, foreground_box, foreground_mask, reorient_to_ras
 
-FINGERPRINT_VERSION = 6
+FINGERPRINT_VERSION = 7
 PLAN_VERSION = 1
 
 _PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
@@ -68,11 +68,17 @@ def _looks_like_hounsfield(array: np.ndarray) -> bool:
     return float(array.min()) >= -4000.0 and float(np.mean(array <= -900.0)) >= 0.005
 
 
-def _value_dtype(array: np.ndarray) -> str:
+def _value_dtype(array: np.ndarray, stored: str | None) -> str:
+    """The dtype that holds the values exactly: the file's own when it does (a uint16 scan stays
+    uint16), else the smallest integer type that does, else float32 (scaled or float data)."""
     low, high = float(array.min()), float(array.max())
     if not np.array_equal(array, np.round(array)):
         return "float32"
-    for name, info in (("uint8", np.iinfo(np.uint8)), ("int16", np.iinfo(np.int16)), ("uint16", np.iinfo(np.uint16))):
+    candidates = ["uint8", "int16", "uint16"]
+    if stored in candidates:
+        candidates.insert(0, stored)
+    for name in candidates:
+        info = np.iinfo(name)
         if info.min <= low and high <= info.max:
             return name
     return "float32"
@@ -124,7 +130,7 @@ def fingerprint_volume(volume: Volume, name: str | None = None) -> SourceFingerp
         foreground_high=high,
         foreground_fraction=float(mask.mean()),
         foreground_extent_mm=extent,  # type: ignore[arg-type]
-        value_dtype=_value_dtype(array),
+        value_dtype=_value_dtype(array, volume.meta.get("stored_dtype")),
         voxel_hash=hashlib.sha256(np.ascontiguousarray(ras, dtype=np.float32).tobytes()).hexdigest()[:16],
         warnings=tuple(warnings),
     )

@@ -1,0 +1,126 @@
+"""Self-describing checkpoints: saved atomically, loaded without ever running code from the file.
+
+A checkpoint is a dict of plain types and tensors, so `torch.load(weights_only=True)` can read it:
+
+    format, schema_version, medsynth_version, torch_version, step, created
+    config         the full resolved configuration (plain dict)
+    plan           the plan (spacing, shape, intensity window and how to invert it)
+    fingerprint    the dataset fingerprint's summary (medians, counts; no file names)
+    generator, generator_ema, discriminator            state dicts
+    optimizer_generator, optimizer_discriminator        state dicts
+    rng            torch CPU/CUDA states and the latent-noise generator's state
+    data           epoch and batch position, for an exact resume
+    guard          divergence-guard counters
+
+`medsynth sample CHECKPOINT` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth import __version__
+from medsynth.atomic import atomic_write
+from medsynth.config import config_from_dict
+from medsynth.models import Generator3d
+
+FORMAT = "medsynth-checkpoint"
+SCHEMA_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or incompatible. The message is for the user."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically: a crash mid-save leaves the previous file intact, never half a file."""
+    payload = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "medsynth_version": __version__,
+        "torch_version": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **payload,
+    }
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run folder means its latest checkpoint; a file is taken as is."""
+    path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.exists():
+            raise CheckpointError(f"{path}: no checkpoint in this run folder (expected checkpoints/last.pt)")
+        return last
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate. Raises CheckpointError naming the file and the problem."""
+    path = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a medsynth checkpoint")
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint schema version {version} (written by medsynth {payload.get('medsynth_version')}); "
+            f"this medsynth {__version__} reads version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in ("config", "plan", "generator", "step") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def generator_from_checkpoint(payload: dict[str, Any], use_ema: bool = True) -> Generator3d:
+    """The generator a checkpoint describes, with its EMA weights when present, in eval mode."""
+    config = config_from_dict(payload["config"])
+    shape = tuple(payload["plan"]["target_shape"])
+    generator = Generator3d(config.model, shape)  # type: ignore[arg-type]
+    state = payload.get("generator_ema") if use_ema and payload.get("generator_ema") else payload["generator"]
+    generator.load_state_dict(state)
+    return generator.eval()
+
+
+def all_finite(*modules: torch.nn.Module) -> bool:
+    """False if any parameter or buffer holds NaN or Inf: such weights are never saved."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return False
+    return True
+
+
+def rotate_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the `keep` newest numbered checkpoints (step_*.pt); last.pt is never touched."""
+    numbered = sorted(folder.glob("step_*.pt"))
+    for old in numbered[: max(0, len(numbered) - keep)]:
+        old.unlink(missing_ok=True)
+
+
+def publish_last(folder: Path, numbered: Path) -> Path:
+    """Make last.pt the same file as `numbered` (a hard link, replaced atomically; copy if links fail)."""
+    last = folder / "last.pt"
+    temporary = folder / ".last.pt.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(numbered, temporary)
+    except OSError:
+        atomic_write(temporary, lambda handle: handle.write(numbered.read_bytes()))
+    os.replace(temporary, last)
+    return last

@@ -1,0 +1,142 @@
+"""The 3D DCGAN: `Generator3d` and `Discriminator3d` for any power-of-two volume shape.
+
+Both follow Radford et al. (2016) in 3D. The generator projects the latent vector onto a small base
+grid and doubles the grid with strided transposed convolutions (BatchNorm, ReLU) up to the volume
+shape, ending in tanh. The discriminator mirrors it with strided convolutions and LeakyReLU(0.2),
+with no normalisation on the first layer, and ends in one logit. Shapes need not be cubic: the
+number of doublings is set by the shortest axis, so 128×128×64 starts from an 8×8×4 grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medsynth.config import ModelConfig
+
+
+def stage_count(shape: tuple[int, int, int], base_grid: int) -> int:
+    """Number of 2x resolution steps between the base grid and `shape`."""
+    shortest = min(shape)
+    if shortest < 2 * base_grid:
+        raise ValueError(f"volume shape {shape} is too small for model.base_grid={base_grid}")
+    return int(math.log2(shortest // base_grid))
+
+
+def channels_per_stage(config: ModelConfig, stages: int) -> list[int]:
+    """Channels at each resolution, finest (shape / 2) first, coarsest (the base grid) last."""
+    return [min(config.base_channels * 2**i, config.max_channels) for i in range(stages)]
+
+
+def _base_shape(shape: tuple[int, int, int], stages: int) -> tuple[int, int, int]:
+    return tuple(n // 2**stages for n in shape)  # type: ignore[return-value]
+
+
+class Generator3d(nn.Module):
+    """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]."""
+
+    def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
+        super().__init__()
+        self.latent_dim = config.latent_dim
+        self.shape = tuple(shape)
+        stages = stage_count(self.shape, config.base_grid)
+        channels = channels_per_stage(config, stages)
+        self.base_shape = _base_shape(self.shape, stages)
+        self.base_channels = channels[-1]
+        self.project = nn.Linear(config.latent_dim, channels[-1] * math.prod(self.base_shape), bias=False)
+        self.project_norm = nn.BatchNorm3d(channels[-1])
+        blocks: list[nn.Module] = []
+        for i in range(stages - 1, 0, -1):
+            blocks += [
+                nn.ConvTranspose3d(channels[i], channels[i - 1], kernel_size=4, stride=2, padding=1, bias=False),
+                nn.BatchNorm3d(channels[i - 1]),
+                nn.ReLU(inplace=True),
+            ]
+        self.blocks = nn.Sequential(*blocks)
+        self.to_volume = nn.ConvTranspose3d(channels[0], 1, kernel_size=4, stride=2, padding=1)
+        initialise_dcgan(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
+        x = torch.relu(self.project_norm(x))
+        x = self.blocks(x)  # (B, base_channels, X/2, Y/2, Z/2)
+        return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
+
+
+class Discriminator3d(nn.Module):
+    """volume (B, 1, X, Y, Z) -> one logit per volume (B,)."""
+
+    def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
+        super().__init__()
+        stages = stage_count(tuple(shape), config.base_grid)
+        channels = channels_per_stage(config, stages)
+        base_shape = _base_shape(tuple(shape), stages)
+        wrap = nn.utils.parametrizations.spectral_norm if config.spectral_norm else (lambda module: module)
+        layers: list[nn.Module] = [
+            wrap(nn.Conv3d(1, channels[0], kernel_size=4, stride=2, padding=1)),  # no norm on the first layer
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        for i in range(1, stages):
+            norm = config.discriminator_norm
+            layers.append(
+                wrap(nn.Conv3d(channels[i - 1], channels[i], kernel_size=4, stride=2, padding=1, bias=norm == "none"))
+            )
+            if norm == "batch":
+                layers.append(nn.BatchNorm3d(channels[i]))
+            elif norm == "instance":
+                layers.append(nn.InstanceNorm3d(channels[i], affine=True))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+        self.features = nn.Sequential(*layers)
+        self.to_logit = wrap(nn.Linear(channels[-1] * math.prod(base_shape), 1))
+        initialise_dcgan(self)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        features = self.features(volume)  # (B, C, x/2^n, y/2^n, z/2^n)
+        return self.to_logit(features.flatten(1)).squeeze(1)  # (B,)
+
+
+def initialise_dcgan(module: nn.Module) -> None:
+    """DCGAN initialisation: weights N(0, 0.02); norm scales N(1, 0.02); biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+            weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, (nn.BatchNorm3d, nn.InstanceNorm3d)) and layer.weight is not None:
+            nn.init.normal_(layer.weight, 1.0, 0.02)
+            nn.init.zeros_(layer.bias)
+
+
+def sample_latent(
+    batch: int, latent_dim: int, prior: str, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """z ~ N(0, I) or U(-1, 1)^d, drawn from `generator` so that runs and resumes repeat exactly."""
+    if prior == "normal":
+        return torch.randn(batch, latent_dim, generator=generator, device=device)  # (B, latent_dim)
+    if prior == "uniform":
+        return torch.rand(batch, latent_dim, generator=generator, device=device) * 2.0 - 1.0
+    raise ValueError(f"unknown latent prior {prior!r}")
+
+
+def build_models(config: ModelConfig, shape: tuple[int, int, int]) -> tuple[Generator3d, Discriminator3d]:
+    return Generator3d(config, shape), Discriminator3d(config, shape)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def forward_flops(module: nn.Module, example: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass (multiply-add = 2), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = module.training
+    module.eval()
+    with counter, torch.no_grad():
+        module(example)
+    module.train(was_training)
+    return int(counter.get_total_flops())

@@ -1,0 +1,228 @@
+"""A training run folder: start it, resume it, or refuse to clobber it; then call the Trainer.
+
+    RUN_DIR/
+      config.yaml      the resolved configuration       plan.json, fingerprint.json, manifest.json
+      metrics.jsonl    one line per step                previews/   real.png, latest.png, step_*.png
+      checkpoints/     last.pt and the newest numbered step_*.pt
+
+Running `medsynth train SCAN_DIR -o RUN_DIR` again on a folder that holds a checkpoint resumes it
+(a pre-empted cluster job is simply requeued with the same command), as long as nothing that
+changes what is learnt differs; otherwise it refuses unless `--force`, which starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth.atomic import atomic_write_bytes, atomic_write_json
+from medsynth.checkpoint import CheckpointError, load_checkpoint
+from medsynth.config import Config, config_to_dict
+from medsynth.data import Progress, prepare_dataset
+from medsynth.distributed import Runtime, barrier
+from medsynth.plan import Plan
+from medsynth.train import StepCallback, Trainer
+
+# Settings that may change when a run is resumed: they do not change what is being learnt.
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.device",
+    "train.amp",
+    "train.compile",
+    "train.channels_last",
+    "train.loader_workers",
+    "train.log_every",
+    "train.preview_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.on_divergence",
+    "train.max_rollbacks",
+    "train.d_win_steps",
+    "cache.dir",
+    "cache.workers",
+}
+RUN_ARTEFACTS = (
+    "checkpoints",
+    "previews",
+    "tensorboard",
+    "metrics.jsonl",
+    "config.yaml",
+    "plan.json",
+    "fingerprint.json",
+    "manifest.json",
+)
+
+
+class RunRefused(Exception):
+    """The run folder cannot be used as asked. The message says why and what to do."""
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
+    """Settings that differ between a saved run and now, other than those safe to change on resume."""
+    old, new = _flatten(saved), _flatten(config_to_dict(current))
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in keys
+        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    ]
+
+
+def clear_run(run_dir: Path) -> None:
+    """--force: remove a previous run's artefacts (only those medsynth writes, nothing else)."""
+    for name in RUN_ARTEFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def find_resume(run_dir: Path, config: Config, force: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from, None for a fresh start; RunRefused when the folder holds an
+    incompatible run and --force was not given."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if force or not last.exists():
+        return None
+    try:
+        payload = load_checkpoint(last)
+    except CheckpointError as exc:
+        raise RunRefused(f"{exc}. Use --force to start this run over, or another -o folder") from None
+    differences = config_differences(payload["config"], config)
+    if differences:
+        listed = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise RunRefused(
+            f"{run_dir} holds a run (step {payload['step']}) with different settings ({listed}). "
+            "Use the same settings to resume it, --force to start over, or another -o folder"
+        )
+    return payload
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    resumed_from: int | None
+    volumes: int
+    skipped: int
+
+
+def train_run(
+    scan_dir: str | Path,
+    run_dir: str | Path,
+    config: Config,
+    runtime: Runtime,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_step: StepCallback | None = None,
+    on_message=None,
+) -> RunResult:
+    """Prepare the data (with the checkpoint's plan when resuming), then train to max_steps."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    say = on_message if (on_message and runtime.is_main) else (lambda message: None)
+    resume = find_resume(run_dir, config, force)
+    if runtime.is_main:
+        if force and (run_dir / "checkpoints").exists():
+            say(f"--force: starting {run_dir} over")
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan.from_dict(resume["plan"]) if resume else None
+    if resume:
+        if resume["step"] >= config.train.max_steps:
+            say(
+                f"{run_dir} already finished at step {resume['step']} (train.max_steps = {config.train.max_steps}); raise --max-steps to train on"
+            )
+            return RunResult(run_dir, int(resume["step"]), int(resume["step"]), 0, 0)
+        say(f"resuming {run_dir} from step {resume['step']}")
+
+    # The main process fills the cache and writes the run's records; the others then find the
+    # cache warm and take the main process's plan, so every rank trains on the same volumes.
+    if runtime.is_main:
+        prepared = prepare_dataset(scan_dir, config, progress=progress, plan=plan)
+        n_before = resume.get("fingerprint", {}).get("n_volumes") if resume else None
+        if n_before not in (None, len(prepared.entries)):
+            say(f"warning: the data changed since the run started ({n_before} -> {len(prepared.entries)} volumes)")
+        fingerprint = prepared.fingerprint.to_dict()
+        fingerprint["n_volumes"] = len(prepared.entries)
+        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+        prepared.plan.save(run_dir / "plan.json")
+        atomic_write_json(run_dir / "fingerprint.json", fingerprint)
+        atomic_write_json(run_dir / "manifest.json", prepared.manifest())
+    barrier(runtime)
+    if not runtime.is_main:
+        prepared = prepare_dataset(scan_dir, config, plan=Plan.load(run_dir / "plan.json"))
+        fingerprint = json.loads((run_dir / "fingerprint.json").read_text())
+
+    trainer = Trainer(
+        config,
+        prepared.plan,
+        [entry.path for entry in prepared.entries],
+        run_dir,
+        runtime,
+        fingerprint=fingerprint,
+        resume=resume,
+        on_step=on_step,
+        sample_affine=mean_crop_affine(prepared.plan, [entry.affine for entry in prepared.entries]).tolist(),
+    )
+    say(
+        f"training on {len(prepared.entries)} volumes of {'×'.join(map(str, prepared.plan.target_shape))} "
+        f"at {prepared.plan.spacing[0]:g} mm, {runtime.world_size} process(es) on {runtime.device}"
+        + (", bf16 autocast" if trainer.bf16 else "")
+    )
+    step = trainer.fit()
+    return RunResult(
+        run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
+    )
+
+
+def mean_crop_affine(plan: Plan, affines: list) -> np.ndarray:
+    """Where synthetic volumes go in the world: the plan's spacing on RAS axes, centred where the
+    training crops were centred on average, so a sample overlays the training scans in a viewer."""
+    shape = np.asarray(plan.target_shape, dtype=np.float64)
+    centres = [np.asarray(a, dtype=np.float64) @ np.array([*((shape - 1) / 2), 1.0]) for a in affines]
+    affine = np.diag([*plan.spacing, 1.0])
+    affine[:3, 3] = np.mean(centres, axis=0)[:3] - (shape - 1) / 2 * np.asarray(plan.spacing)
+    return affine
+
+
+def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
+    """What `--dry-run` prints: sizes and compute of G and D for this plan."""
+    import torch
+
+    from medsynth.models import build_models, forward_flops, parameter_count
+
+    generator, discriminator = build_models(config.model, plan.target_shape)
+    z = torch.zeros(1, config.model.latent_dim)
+    volume = torch.zeros(1, 1, *plan.target_shape)
+    g_flops, d_flops = forward_flops(generator, z), forward_flops(discriminator, volume)
+    batch = config.train.batch_size
+    # A step: D sees m real and m fake (G forward without grad), then G trains through D. Backward
+    # costs about twice the forward.
+    d_step = batch * (g_flops + 3 * 2 * d_flops)
+    g_step = batch * 3 * (g_flops + d_flops)
+    return {
+        "volume_shape": list(plan.target_shape),
+        "generator_parameters": parameter_count(generator),
+        "discriminator_parameters": parameter_count(discriminator),
+        "generator_gflops_per_volume": g_flops / 1e9,
+        "discriminator_gflops_per_volume": d_flops / 1e9,
+        "gflops_per_step": (config.loss.d_steps_per_g * d_step + g_step) / 1e9,
+        "batch_size": batch,
+    }

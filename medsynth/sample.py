@@ -1,0 +1,304 @@
+"""Synthetic volumes from a checkpoint: generator -> real units -> files with real geometry.
+
+Sample i of a request uses its own noise, drawn from a generator seeded by (seed, i), so the same
+seed gives the same files whether they are made in one job or in many shards, in any order. The
+network always runs on micro-batches of `MICROBATCH` latents (the last one padded): convolution
+kernels take different code paths for different batch sizes, which changes the last bits of the
+output, so a fixed micro-batch is what makes the voxels independent of `--batch-size`.
+
+Every volume is written atomically with a JSON sidecar (seed, checkpoint hash, step, version,
+command line); a sidecar is written only after its volume, so "sidecar present" means "done", and
+a re-run skips finished samples and redoes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsynth import __version__
+from medsynth.atomic import atomic_write_json
+from medsynth.checkpoint import generator_from_checkpoint, load_checkpoint, resolve_checkpoint_path
+from medsynth.io import Volume, write_nifti
+from medsynth.io.dicom_writer import write_dicom_series
+from medsynth.io.writers import cast_for_storage
+from medsynth.preprocess import IntensityWindow, denormalise
+
+MICROBATCH = 4
+SYNTHETIC_DESCRIPTION = f"SYNTHETIC medsynth {__version__}"
+
+
+class SampleError(Exception):
+    """A sampling request cannot be carried out. The message is for the user."""
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a request with `seed`, independent of every other index."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def latent_for(seed: int, index: int, latent_dim: int, prior: str) -> torch.Tensor:
+    """The noise of one sample, drawn on the CPU so that it is the same on every device."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, index))
+    if prior == "uniform":
+        return torch.rand(latent_dim, generator=generator) * 2.0 - 1.0
+    return torch.randn(latent_dim, generator=generator)  # (latent_dim,)
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> np.ndarray:
+    """(N, latent_dim) -> (N, X, Y, Z) float32 in [-1, 1], in fixed micro-batches."""
+    outputs = []
+    for start in range(0, latents.shape[0], MICROBATCH):
+        chunk = latents[start : start + MICROBATCH]
+        real_rows = chunk.shape[0]
+        if real_rows < MICROBATCH:  # pad, so that every forward pass has the same batch size
+            chunk = torch.cat([chunk, torch.zeros(MICROBATCH - real_rows, chunk.shape[1])])
+        volumes = generator(chunk.to(device)).float()[:real_rows, 0]  # (rows, X, Y, Z)
+        outputs.append(volumes.cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
+
+
+def sample_affine(payload: dict[str, Any]) -> np.ndarray:
+    """RAS+ affine of every synthetic volume: the plan's spacing on RAS axes, placed where the
+    training crops were on average (so samples overlay the training scans in a viewer), or
+    centred on the world origin for checkpoints that do not record it."""
+    plan = payload["plan"]
+    if payload.get("sample_affine") is not None:
+        return np.asarray(payload["sample_affine"], dtype=np.float64)
+    shape = np.asarray(plan["target_shape"], dtype=np.float64)
+    affine = np.diag([*plan["spacing"], 1.0])
+    affine[:3, 3] = -(shape - 1) / 2 * np.asarray(plan["spacing"])
+    return affine
+
+
+def to_real_units(volume: np.ndarray, plan: dict[str, Any]) -> np.ndarray:
+    """[-1, 1] -> the plan's units: Hounsfield units for CT, the typical training range for MRI."""
+    window = IntensityWindow(*plan["window"])
+    return denormalise(np.clip(volume, -1.0, 1.0), window)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard:
+        if not text:
+            return cls(0, 1)
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise SampleError(f"--shard expects i/k, e.g. 0/4, got {text!r}") from None
+        if count < 1 or not 0 <= index < count:
+            raise SampleError(f"--shard {text}: need 0 <= i < k")
+        return cls(index, count)
+
+    def indices(self, n: int) -> list[int]:
+        """Sample indices of this shard: every k-th, so shards finish together."""
+        return list(range(self.index, n, self.count))
+
+
+@dataclass
+class SampleRequest:
+    checkpoint: Path
+    count: int
+    out_dir: Path
+    seed: int = 0
+    batch_size: int = 8
+    device: torch.device = torch.device("cpu")
+    file_format: str = "nifti"
+    shard: Shard = Shard(0, 1)
+    force: bool = False
+    preview: bool = False
+
+
+def _name(index: int, file_format: str) -> str:
+    return f"sample_{index:05d}" + (".nii.gz" if file_format == "nifti" else "")
+
+
+def _sidecar_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"sample_{index:05d}.json"
+
+
+def _done(out_dir: Path, index: int, identity: dict[str, Any]) -> bool:
+    """A sample is finished when its sidecar exists and names the same checkpoint, seed and format."""
+    sidecar = _sidecar_path(out_dir, index)
+    if not sidecar.exists():
+        return False
+    try:
+        record = json.loads(sidecar.read_text())
+    except ValueError:
+        return False
+    same = all(record.get(key) == value for key, value in identity.items())
+    if not same:
+        raise SampleError(
+            f"{out_dir} already holds sample {index} from another checkpoint, seed or format "
+            f"({sidecar.name}); use --force to replace it, or another -o folder"
+        )
+    target = out_dir / record["file"]
+    return target.exists()
+
+
+def _write_one(
+    index: int,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    plan: dict[str, Any],
+    request: SampleRequest,
+    sidecar: dict[str, Any],
+) -> dict[str, Any]:
+    # Cast once (rounding and clipping to the output dtype), so NIfTI and DICOM hold the same values.
+    values = cast_for_storage(to_real_units(volume, plan), plan["output_dtype"])
+    name = _name(index, request.file_format)
+    target = request.out_dir / name
+    if request.file_format == "nifti":
+        write_nifti(
+            Volume(values.astype(np.float32), affine),
+            target,
+            dtype=plan["output_dtype"],
+            description=SYNTHETIC_DESCRIPTION,
+        )
+    else:
+        write_dicom_series(
+            target,
+            values,
+            affine,
+            modality="CT" if plan["modality"] == "ct" else "MR",
+            dtype=plan["output_dtype"],
+            series_description=f"{SYNTHETIC_DESCRIPTION} sample {index}",
+            seed=sidecar["seed"],
+        )
+    record = {**sidecar, "index": index, "file": name}
+    atomic_write_json(_sidecar_path(request.out_dir, index), record)  # after the volume: marks it done
+    return record
+
+
+def write_manifest(out_dir: Path) -> Path:
+    """manifest.json: every finished sample in the folder, from all shards. Built under a lock by
+    whichever process finishes, from the sidecars, so the last shard to finish lists them all."""
+    import fcntl
+
+    lock_path = out_dir / ".manifest.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = []
+        for sidecar in sorted(out_dir.glob("sample_*.json")):
+            try:
+                record = json.loads(sidecar.read_text())
+            except ValueError:
+                continue
+            if (out_dir / record.get("file", "")).exists():
+                records.append(record)
+        records.sort(key=lambda r: r["index"])
+        manifest = {
+            "medsynth_version": __version__,
+            "count": len(records),
+            "samples": [
+                {"index": r["index"], "file": r["file"], "seed": r["seed"], "checkpoint_sha256": r["checkpoint_sha256"]}
+                for r in records
+            ],
+        }
+        path = atomic_write_json(out_dir / "manifest.json", manifest)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
+def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Generate and write this shard's samples. Returns a summary (written, skipped, paths)."""
+    if request.file_format not in ("nifti", "dicom"):
+        raise SampleError(f"--format must be nifti or dicom, got {request.file_format!r}")
+    if request.count < 1 or request.batch_size < 1:
+        raise SampleError("-n and --batch-size must be at least 1")
+    checkpoint_path = resolve_checkpoint_path(request.checkpoint)
+    payload = load_checkpoint(checkpoint_path, map_location="cpu")
+    plan = payload["plan"]
+    generator = generator_from_checkpoint(payload).to(request.device)
+    latent_dim = int(payload["config"]["model"]["latent_dim"])
+    prior = payload["config"]["loss"]["latent_prior"]
+    affine = sample_affine(payload)
+    identity = {
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+        "base_seed": request.seed,
+        "format": request.file_format,
+    }
+    request.out_dir.mkdir(parents=True, exist_ok=True)
+    sidecar_base = {
+        **identity,
+        "synthetic": True,
+        "training_step": int(payload["step"]),
+        "medsynth_version": __version__,
+        "command": shlex.join(sys.argv),
+        "modality": plan["modality"].upper(),
+        "shape": list(plan["target_shape"]),
+        "spacing_mm": list(plan["spacing"]),
+        "dtype": plan["output_dtype"],
+        "units": "HU" if plan["modality"] == "ct" else "arbitrary (typical training range)",
+    }
+    wanted = request.shard.indices(request.count)
+    todo = wanted if request.force else [i for i in wanted if not _done(request.out_dir, i, identity)]
+    skipped = len(wanted) - len(todo)
+
+    written: list[dict[str, Any]] = []
+    preview_volumes: list[np.ndarray] = []
+    if progress:
+        progress("sample", 0, len(todo))
+    # Writing (gzip, DICOM encoding) runs in threads while the next batch is generated.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as writers:
+        pending: list[Future] = []
+        for start in range(0, len(todo), request.batch_size):
+            batch = todo[start : start + request.batch_size]
+            latents = torch.stack([latent_for(request.seed, i, latent_dim, prior) for i in batch])  # (B, latent_dim)
+            volumes = generate(generator, latents, request.device)  # (B, X, Y, Z)
+            for index, volume in zip(batch, volumes):
+                sidecar = {**sidecar_base, "seed": sample_seed(request.seed, index)}
+                pending.append(writers.submit(_write_one, index, volume, affine, plan, request, sidecar))
+                if request.preview and len(preview_volumes) < 8:
+                    preview_volumes.append(volume)
+            while len(pending) > 2 * request.batch_size:  # bound memory: wait for the oldest writes
+                written.append(pending.pop(0).result())
+                if progress:
+                    progress("sample", len(written), len(todo))
+        for future in pending:
+            written.append(future.result())
+            if progress:
+                progress("sample", len(written), len(todo))
+    manifest = write_manifest(request.out_dir)
+    preview_path = None
+    if request.preview and preview_volumes:
+        from medsynth.preview import save_montage
+
+        suffix = "" if request.shard.count == 1 else f"-shard{request.shard.index}of{request.shard.count}"
+        preview_path = save_montage(
+            request.out_dir / f"preview{suffix}.png", preview_volumes, spacing=tuple(plan["spacing"])
+        )
+    return {
+        "written": len(written),
+        "skipped": skipped,
+        "out_dir": str(request.out_dir),
+        "manifest": str(manifest),
+        "preview": str(preview_path) if preview_path else None,
+        "checkpoint": str(checkpoint_path),
+        "step": int(payload["step"]),
+    }

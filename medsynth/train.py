@@ -1,0 +1,517 @@
+"""The `Trainer`: the adversarial game, and everything that makes it safe to run on a cluster.
+
+Each step follows Goodfellow et al.'s algorithm with DCGAN networks:
+
+1. update D, `loss.d_steps_per_g` times: m real volumes and m fresh noise samples; D learns to call
+   the real ones real and G's (detached) ones fake;
+2. update G on m fresh noise samples, with D frozen, to make D call them real;
+3. update the EMA copy of G, which previews and sampling use.
+
+Around it: bf16 autocast, DDP, exact resume (RNG states, data position and optimiser states are
+in every checkpoint), atomic checkpoints, SIGINT/SIGTERM handling and a divergence guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsynth.checkpoint import (
+    all_finite,
+    load_checkpoint,
+    publish_last,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from medsynth.config import Config, config_to_dict
+from medsynth.data import CachedVolumeDataset
+from medsynth.distributed import Runtime, any_rank
+from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from medsynth.metrics import MetricsLog
+from medsynth.models import build_models, sample_latent
+from medsynth.plan import Plan
+from medsynth.preview import save_montage
+
+# Log callback: (step, metrics) -> None. The CLI draws progress with it; tests pass None.
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (a signal) or by the divergence guard. Message for users."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0  # batches already used in this epoch
+
+
+def use_bf16(config: Config, device: torch.device) -> bool:
+    if config.train.amp == "bf16":
+        return True
+    # On CPU, bf16 autocast measured slower than fp32 for these networks (docs/benchmarks.md).
+    return config.train.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    generator: nn.Module,
+    latent_dim: int,
+    prior: str,
+    device: torch.device,
+    seed: int,
+    batches: int = 8,
+    batch_size: int = 8,
+) -> None:
+    """Recompute BatchNorm running statistics for the current (EMA) weights ("standing statistics").
+
+    The EMA generator's weights are an average over many steps, so the running statistics copied
+    from the live generator do not match them; sampling in eval mode with mismatched statistics
+    gives washed-out volumes. A few batches through the EMA weights fix that. Noise comes from its
+    own generator, so training's random stream is untouched.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    generator.train()
+    rng = torch.Generator(device=device).manual_seed(seed)
+    for _ in range(batches):
+        generator(sample_latent(batch_size, latent_dim, prior, rng, device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    generator.eval()
+
+
+class ResumableBatches:
+    """Minibatch index lists in a fixed order per epoch (DistributedSampler: shuffled with
+    (seed, epoch), every rank its own share), starting anywhere, so a resume continues exactly."""
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, runtime: Runtime):
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(
+            range(dataset_size),  # type: ignore[arg-type]
+            num_replicas=runtime.world_size,
+            rank=runtime.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.batch_size = batch_size
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{dataset_size} volumes cannot fill one batch of {batch_size} per process "
+                f"({runtime.world_size} process(es)): lower train.batch_size or add data"
+            )
+
+    def epoch(self, epoch: int, skip: int = 0) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(skip, self.per_epoch)]
+
+
+class Trainer:
+    """Holds G, D, their EMA and optimisers, and runs the game for `config.train.max_steps` steps."""
+
+    def __init__(
+        self,
+        config: Config,
+        plan: Plan,
+        volume_paths: list[str],
+        run_dir: Path,
+        runtime: Runtime,
+        fingerprint: dict[str, Any] | None = None,
+        resume: dict[str, Any] | None = None,
+        on_step: StepCallback | None = None,
+        sample_affine: list[list[float]] | None = None,
+    ):
+        self.config = config
+        self.plan = plan
+        self.run_dir = Path(run_dir)
+        self.runtime = runtime
+        self.device = runtime.device
+        self.fingerprint = fingerprint or {}
+        self.sample_affine = sample_affine
+        self.on_step = on_step
+        self.bf16 = use_bf16(config, self.device)
+        train = config.train
+
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
+        generator, discriminator = build_models(config.model, plan.target_shape)
+        memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
+        self.generator = generator.to(self.device, memory_format=memory_format)
+        self.discriminator = discriminator.to(self.device, memory_format=memory_format)
+        self.memory_format = memory_format
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=train.lr_generator, betas=(train.beta1, train.beta2)
+        )
+        self.opt_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=train.lr_discriminator, betas=(train.beta1, train.beta2)
+        )
+        # The modules the step functions call: DDP wrappers and compiled versions when asked for.
+        self.g_step_model: nn.Module = self.generator
+        self.d_step_model: nn.Module = self.discriminator
+        if runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g_step_model = DDP(self.generator, device_ids=ids)
+            self.d_step_model = DDP(self.discriminator, device_ids=ids)
+        if train.compile:
+            self.g_step_model = torch.compile(self.g_step_model)
+            self.d_step_model = torch.compile(self.d_step_model)
+
+        self.dataset = CachedVolumeDataset(volume_paths, config.augment, seed=config.seed)
+        self.batches = ResumableBatches(len(self.dataset), train.batch_size, config.seed, runtime)
+        self.loader_workers = (
+            train.loader_workers if train.loader_workers >= 0 else (4 if self.device.type == "cuda" else 0)
+        )
+        # Each rank draws different noise; the stream is part of the checkpoint.
+        self.latent_rng = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 1 + runtime.rank)
+        self.preview_noise = sample_latent(
+            train.preview_samples,
+            config.model.latent_dim,
+            config.loss.latent_prior,
+            torch.Generator(device=self.device).manual_seed(config.seed + 12345),
+            self.device,
+        )
+        self.step = 0
+        self.position = DataPosition()
+        self.rollbacks = 0
+        self.d_win_streak = 0
+        self._real_iterator: Iterator[torch.Tensor] | None = None
+        self._stop_signal: int | None = None
+        self.last_good_step: int | None = None
+        if resume is not None:
+            self._restore(resume)
+        if runtime.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)
+
+    # ------------------------------------------------------------------ data
+
+    def _loader(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DataLoader
+
+        self.dataset.set_epoch(epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.batches.epoch(epoch, skip),
+            num_workers=self.loader_workers,
+            pin_memory=self.device.type == "cuda",
+            # Its own seed source: worker seeding must not draw from the global RNG, or a resumed
+            # run (which opens a loader mid-epoch) would drift from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.config.seed + epoch),
+        )
+        yield from loader
+
+    def _next_real(self) -> torch.Tensor:
+        """The next minibatch of real volumes, (B, 1, X, Y, Z) on the device; epochs roll over."""
+        while True:
+            if self._real_iterator is None:
+                self._real_iterator = self._loader(self.position.epoch, self.position.batch)
+            try:
+                batch = next(self._real_iterator)
+            except StopIteration:
+                self.position = DataPosition(self.position.epoch + 1, 0)
+                self._real_iterator = None
+                continue
+            self.position.batch += 1
+            return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _noise(self, batch: int) -> torch.Tensor:
+        c = self.config
+        return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
+
+    def _update_discriminator(self, real: torch.Tensor) -> dict[str, float]:
+        loss_config = self.config.loss
+        batch = real.shape[0]
+        with torch.no_grad(), self._autocast():
+            fake = self.generator(self._noise(batch)).float()  # (B, 1, X, Y, Z), no graph back to G
+        fake = fake.contiguous(memory_format=self.memory_format)
+        if loss_config.r1_gamma > 0:
+            real = real.detach().requires_grad_(True)
+        with self._autocast():
+            real_logits = self.d_step_model(real).float()  # (B,)
+            fake_logits = self.d_step_model(fake).float()  # (B,)
+        loss = discriminator_loss(loss_config.name, real_logits, fake_logits)
+        extra: dict[str, float] = {}
+        if loss_config.name == "wgan_gp":
+            penalty = gradient_penalty(self.d_step_model, real.detach(), fake)
+            loss = loss + loss_config.gp_weight * penalty
+            extra["gradient_penalty"] = float(penalty.detach())
+        if loss_config.r1_gamma > 0:
+            penalty = r1_penalty(real_logits, real)
+            loss = loss + 0.5 * loss_config.r1_gamma * penalty
+            extra["r1"] = float(penalty.detach())
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.discriminator.parameters(), float("inf"))
+        self.opt_d.step()
+        return {
+            "loss_d": float(loss.detach()),
+            "d_real": discriminator_confidence(loss_config.name, real_logits.detach()),
+            "d_fake": discriminator_confidence(loss_config.name, fake_logits.detach()),
+            "grad_norm_d": float(grad_norm),
+            **extra,
+        }
+
+    def _update_generator(self, batch: int) -> dict[str, float]:
+        self.discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D
+        try:
+            with self._autocast():
+                fake = self.g_step_model(self._noise(batch))  # (B, 1, X, Y, Z)
+                logits = self.discriminator(fake.contiguous(memory_format=self.memory_format)).float()
+            loss = generator_loss(self.config.loss.name, logits)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self.generator.parameters(), float("inf"))
+            self.opt_g.step()
+        finally:
+            self.discriminator.requires_grad_(True)
+        return {"loss_g": float(loss.detach()), "grad_norm_g": float(grad_norm)}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up as in TensorFlow's ExponentialMovingAverage: early on, follow G closely.
+        decay = min(self.config.train.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.generator.parameters()], 1.0 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.generator.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def train_step(self) -> dict[str, float]:
+        """One generator update, after `d_steps_per_g` discriminator updates."""
+        for _ in range(self.config.loss.d_steps_per_g):
+            real = self._next_real()
+            record = self._update_discriminator(real)
+        record.update(self._update_generator(real.shape[0]))
+        self._update_ema()
+        self.step += 1
+        return record
+
+    # ------------------------------------------------------------------ state
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch_cpu": torch.get_rng_state(), "latent": self.latent_rng.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state(self) -> dict[str, Any]:
+        summary = {k: v for k, v in self.fingerprint.items() if k != "sources"}
+        summary.pop("outliers", None)  # names of files: not for a checkpoint that may be shared
+        return {
+            "step": self.step,
+            "config": config_to_dict(self.config),
+            "plan": self.plan.to_dict(),
+            "fingerprint": summary,
+            "sample_affine": self.sample_affine,
+            "world_size": self.runtime.world_size,
+            "generator": self.generator.state_dict(),
+            "generator_ema": self.ema.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "optimizer_generator": self.opt_g.state_dict(),
+            "optimizer_discriminator": self.opt_d.state_dict(),
+            "rng": self._rng_state(),
+            "data": {"epoch": self.position.epoch, "batch": self.position.batch},
+            "guard": {"rollbacks": self.rollbacks, "d_win_streak": self.d_win_streak},
+        }
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.generator.load_state_dict(payload["generator"])
+        self.discriminator.load_state_dict(payload["discriminator"])
+        self.ema.load_state_dict(payload["generator_ema"])
+        self.opt_g.load_state_dict(payload["optimizer_generator"])
+        self.opt_d.load_state_dict(payload["optimizer_discriminator"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch_cpu"])
+        self.latent_rng.set_state(rng["latent"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.step = int(payload["step"])
+        self.position = DataPosition(int(payload["data"]["epoch"]), int(payload["data"]["batch"]))
+        self._real_iterator = None
+        guard = payload.get("guard", {})
+        self.rollbacks = int(guard.get("rollbacks", 0))
+        self.d_win_streak = int(guard.get("d_win_streak", 0))
+        self.last_good_step = self.step
+
+    def _prepare_ema_for_use(self) -> None:
+        c = self.config
+        recalibrate_batchnorm(
+            self.ema,
+            c.model.latent_dim,
+            c.loss.latent_prior,
+            self.device,
+            seed=c.seed + 54321,
+            batch_size=max(2, c.train.batch_size),
+        )
+
+    def save(self) -> Path | None:
+        """Checkpoint now (main process only). Refuses to write non-finite weights."""
+        if not self.runtime.is_main:
+            return None
+        if not all_finite(self.generator, self.discriminator, self.ema):
+            raise TrainingStopped(f"non-finite weights at step {self.step}: not saved", exit_code=1)
+        self._prepare_ema_for_use()
+        folder = self.run_dir / "checkpoints"
+        numbered = save_checkpoint(folder / f"step_{self.step:08d}.pt", self.state())
+        publish_last(folder, numbered)
+        rotate_checkpoints(folder, self.config.train.keep_checkpoints)
+        self.last_good_step = self.step
+        return numbered
+
+    @torch.no_grad()
+    def preview(self) -> Path | None:
+        if not self.runtime.is_main:
+            return None
+        self._prepare_ema_for_use()
+        volumes = self.ema(self.preview_noise).float().cpu().numpy()[:, 0]  # (N, X, Y, Z)
+        folder = self.run_dir / "previews"
+        path = save_montage(folder / f"step_{self.step:08d}.png", list(volumes), spacing=self.plan.spacing)
+        save_montage(folder / "latest.png", list(volumes), spacing=self.plan.spacing)
+        return path
+
+    def save_real_preview(self) -> None:
+        if self.runtime.is_main:
+            count = min(self.config.train.preview_samples, len(self.dataset))
+            volumes = [np.load(self.dataset.paths[i], mmap_mode="r") for i in range(count)]
+            save_montage(self.run_dir / "previews" / "real.png", volumes, spacing=self.plan.spacing)
+
+    # ------------------------------------------------------------------ guard
+
+    def _diverged(self, record: dict[str, float]) -> str | None:
+        if not all(math.isfinite(record[k]) for k in ("loss_d", "loss_g")):
+            return f"a non-finite loss at step {self.step} (D {record['loss_d']}, G {record['loss_g']})"
+        if self.config.loss.name == "non_saturating" and record["d_fake"] < 0.01 and record["d_real"] > 0.99:
+            self.d_win_streak += 1
+        else:
+            self.d_win_streak = 0
+        if self.d_win_streak >= self.config.train.d_win_steps:
+            return (
+                f"the discriminator has won: D(x) > 0.99 and D(G(z)) < 0.01 for {self.d_win_streak} steps, "
+                "so the generator gets no useful gradient"
+            )
+        return None
+
+    def _handle_divergence(self, reason: str) -> None:
+        advice = "try a lower train.lr_discriminator, model.spectral_norm=true or loss.r1_gamma=1"
+        train = self.config.train
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if train.on_divergence == "stop" or self.rollbacks >= train.max_rollbacks or not last.exists():
+            raise TrainingStopped(
+                f"training stopped: {reason}. The last good checkpoint is step {self.last_good_step}; {advice}",
+                exit_code=1,
+            )
+        payload = load_checkpoint(last, map_location=self.device)
+        rollbacks = self.rollbacks + 1
+        self._restore(payload)
+        self.rollbacks = rollbacks
+        self.d_win_streak = 0
+        # Halve the learning rates and draw different noise, or the same steps would diverge again.
+        for optimizer in (self.opt_g, self.opt_d):
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+        self.latent_rng.manual_seed(self.config.seed * 1000 + 1 + self.runtime.rank + 7919 * rollbacks)
+        self._log_event(
+            f"divergence guard: {reason}; rolled back to step {self.step} with halved learning rates "
+            f"(rollback {rollbacks} of {train.max_rollbacks})"
+        )
+
+    def _log_event(self, message: str) -> None:
+        if self.runtime.is_main and self.on_step is not None:
+            self.on_step(self.step, {"event": message})
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        # A second Ctrl-C kills at once; the checkpoint write in progress is atomic anyway.
+        signal.signal(signum, signal.SIG_DFL)
+
+    def fit(self) -> int:
+        """Train to max_steps. Returns the final step. Raises TrainingStopped on a signal or guard stop."""
+        train = self.config.train
+        handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
+                handlers[signum] = signal.signal(signum, self._on_signal)
+        try:
+            if self.step == 0:
+                self.save_real_preview()
+                if self.runtime.is_main and not (self.run_dir / "checkpoints" / "last.pt").exists():
+                    self.save()  # step 0: the divergence guard always has somewhere to go back to
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < train.max_steps:
+                record = self.train_step()
+                window_steps += 1
+                reason = self._diverged(record)
+                if any_rank(self.runtime, reason is not None):
+                    self._handle_divergence(reason or "another process diverged")
+                    continue
+                elapsed = time.perf_counter() - window_start
+                steps_per_s = window_steps / max(elapsed, 1e-9)
+                volumes = train.batch_size * self.runtime.world_size * self.config.loss.d_steps_per_g
+                record.update(
+                    step=self.step,
+                    epoch=self.position.epoch,
+                    lr_g=self.opt_g.param_groups[0]["lr"],
+                    lr_d=self.opt_d.param_groups[0]["lr"],
+                    steps_per_s=steps_per_s,
+                    volumes_per_s=steps_per_s * volumes,
+                    time=time.time(),
+                )
+                self.metrics.write(record)
+                if self.on_step is not None and self.runtime.is_main:
+                    self.on_step(self.step, record)
+                if self.step % train.log_every == 0:
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
+                    self.save()
+                if self.step % train.preview_every == 0 or self.step == train.max_steps:
+                    self.preview()
+                if any_rank(self.runtime, self._stop_signal is not None):
+                    if self.step % train.checkpoint_every != 0 and self.step != train.max_steps:
+                        self.save()
+                    name = (
+                        signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another process"
+                    )
+                    raise TrainingStopped(
+                        f"stopped by {name} at step {self.step}; checkpoint saved. Run the same command again to resume",
+                        exit_code=128 + (self._stop_signal or signal.SIGTERM),
+                    )
+            return self.step
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self.metrics.close()

@@ -1,0 +1,133 @@
+"""Generator and discriminator shapes for every supported size; initialisation; losses."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from medsynth.config import ModelConfig
+from medsynth.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from medsynth.models import Discriminator3d, Generator3d, build_models, forward_flops, sample_latent
+
+TINY = ModelConfig(latent_dim=8, base_channels=1, max_channels=4)
+
+
+@pytest.mark.parametrize("side", [16, 32, 64, 128, 256])
+def test_cubic_shapes(side):
+    shape = (side, side, side)
+    generator, discriminator = build_models(TINY, shape)
+    with torch.no_grad():
+        volume = generator(torch.randn(2, 8))
+        assert volume.shape == (2, 1, *shape)
+        assert volume.abs().max() <= 1.0  # tanh
+        assert discriminator(volume).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(128, 128, 64), (64, 32, 16), (16, 64, 32), (256, 128, 16)] + list(itertools.permutations((16, 32, 64)))[:2],
+)
+def test_non_cubic_shapes(shape):
+    generator, discriminator = build_models(TINY, shape)
+    with torch.no_grad():
+        volume = generator(torch.randn(1, 8))
+    assert volume.shape == (1, 1, *shape)
+    assert discriminator(volume).shape == (1,)
+
+
+def test_non_cubic_base_grid_follows_the_shortest_axis():
+    generator = Generator3d(ModelConfig(base_grid=4), (128, 128, 64))
+    assert generator.base_shape == (8, 8, 4)
+
+
+def test_width_is_set_by_base_channels():
+    narrow = Generator3d(ModelConfig(base_channels=8), (32, 32, 32))
+    wide = Generator3d(ModelConfig(base_channels=16), (32, 32, 32))
+    assert narrow.to_volume.in_channels == 8 and wide.to_volume.in_channels == 16
+    assert sum(p.numel() for p in wide.parameters()) > 2 * sum(p.numel() for p in narrow.parameters())
+
+
+def test_discriminator_structure_first_layer_without_norm_and_leaky_relu():
+    discriminator = Discriminator3d(ModelConfig(base_channels=4), (32, 32, 32))
+    layers = list(discriminator.features)
+    assert isinstance(layers[0], torch.nn.Conv3d) and isinstance(layers[1], torch.nn.LeakyReLU)
+    assert layers[1].negative_slope == 0.2
+    assert isinstance(layers[3], torch.nn.BatchNorm3d)
+
+
+def test_generator_structure_transposed_convolutions_batchnorm_relu():
+    generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))
+    kinds = [type(m) for m in generator.blocks]
+    assert kinds[:3] == [torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d, torch.nn.ReLU]
+
+
+def test_spectral_norm_option():
+    discriminator = Discriminator3d(
+        ModelConfig(base_channels=4, spectral_norm=True, discriminator_norm="none"), (16, 16, 16)
+    )
+    convs = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(hasattr(c, "parametrizations") for c in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in discriminator.modules())
+    with torch.no_grad():
+        assert discriminator(torch.zeros(2, 1, 16, 16, 16)).shape == (2,)
+
+
+def test_dcgan_initialisation():
+    torch.manual_seed(0)
+    generator = Generator3d(ModelConfig(base_channels=16), (32, 32, 32))
+    conv = generator.blocks[0]
+    assert abs(conv.weight.std().item() - 0.02) < 0.002 and abs(conv.weight.mean().item()) < 0.002
+    norm = generator.blocks[1]
+    assert abs(norm.weight.mean().item() - 1.0) < 0.01 and norm.bias.abs().max() == 0
+
+
+def test_flop_count_matches_the_arithmetic():
+    config = ModelConfig(latent_dim=8, base_channels=2, max_channels=4)
+    generator = Generator3d(config, (16, 16, 16))
+    # Linear 8 -> 4*4^3 (2*8*256), ConvT 4->2 on 4^3 inputs, ConvT 2->1 on 8^3 inputs, k=4^3, 2 FLOPs per MAC.
+    expected = 2 * 8 * 256 + 2 * 4 * 2 * 64 * 4**3 + 2 * 2 * 1 * 64 * 8**3
+    assert forward_flops(generator, torch.zeros(1, 8)) == expected
+
+
+def test_latent_priors():
+    rng = torch.Generator().manual_seed(0)
+    normal = sample_latent(4096, 8, "normal", rng, "cpu")
+    uniform = sample_latent(4096, 8, "uniform", rng, "cpu")
+    assert abs(normal.std().item() - 1.0) < 0.05
+    assert uniform.min() >= -1 and uniform.max() <= 1 and abs(uniform.std().item() - 3**-0.5) < 0.05
+    again = sample_latent(3, 8, "normal", torch.Generator().manual_seed(5), "cpu")
+    assert torch.equal(again, sample_latent(3, 8, "normal", torch.Generator().manual_seed(5), "cpu"))
+
+
+def test_non_saturating_losses_are_the_textbook_ones():
+    real = torch.tensor([2.0, -1.0])
+    fake = torch.tensor([0.5, -3.0])
+    sigmoid = torch.sigmoid
+    expected_d = -(torch.log(sigmoid(real)).mean() + torch.log(1 - sigmoid(fake)).mean())
+    assert torch.allclose(discriminator_loss("non_saturating", real, fake), expected_d)
+    assert torch.allclose(generator_loss("non_saturating", fake), -torch.log(sigmoid(fake)).mean())  # -log D(G(z))
+
+
+def test_hinge_and_wasserstein_losses():
+    real = torch.tensor([2.0, 0.5])
+    fake = torch.tensor([-2.0, 0.0])
+    assert torch.allclose(discriminator_loss("hinge", real, fake), torch.tensor((0 + 0.5) / 2 + (0 + 1) / 2))
+    assert torch.allclose(generator_loss("hinge", fake), torch.tensor(1.0))
+    assert torch.allclose(discriminator_loss("wgan_gp", real, fake), fake.mean() - real.mean())
+    with pytest.raises(ValueError):
+        discriminator_loss("nope", real, fake)
+
+
+def test_r1_and_gradient_penalty():
+    weight = torch.tensor(3.0)
+
+    def critic(x):  # D(x) = 3 * sum(x): its input gradient has norm 3 * sqrt(voxels)
+        return weight * x.flatten(1).sum(1)
+
+    real = torch.randn(2, 1, 2, 2, 2, requires_grad=True)
+    assert torch.allclose(r1_penalty(critic(real), real), torch.tensor(9.0 * 8))
+    fake = torch.randn(2, 1, 2, 2, 2)
+    expected = (3.0 * 8**0.5 - 1.0) ** 2
+    assert torch.allclose(gradient_penalty(critic, real.detach(), fake), torch.tensor(expected))
