@@ -1,0 +1,170 @@
+"""DICOM headers: what medsynth needs from each file, parsed with pydicom (no pixels, no patient data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsynth.io.volume import SourceError
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def has_dicom_magic(path: str | Path) -> bool:
+    """Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(
+            float(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") else [value])
+        )
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n and all(np.isfinite(values)) else None
+
+
+def _number(value, default=None):
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass
+class DicomHeader:
+    """What medsynth needs from one DICOM file's header. No patient identifiers are kept."""
+
+    path: str
+    series_uid: str
+    sop_uid: str
+    modality: str | None
+    rows: int
+    cols: int
+    n_frames: int
+    samples_per_pixel: int
+    photometric: str
+    ipp: tuple[float, ...] | None
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, ...] | None
+    slice_spacing: float | None  # SpacingBetweenSlices, else SliceThickness
+    slope: float
+    intercept: float
+    series_number: str
+    stored_dtype: str  # what the stored pixels are, after rescale: the dtype to write such data back in
+    sort_key: tuple  # orders images at one position: temporal position, acquisition, echo, instance
+    # Enhanced multi-frame files: per-frame geometry and rescale from the functional groups.
+    frame_ipp: list[tuple[float, ...] | None] = field(default_factory=list)
+    frame_iop: list[tuple[float, ...] | None] = field(default_factory=list)
+    frame_rescale: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _stored_dtype(ds) -> str:
+    slope = _number(ds.get("RescaleSlope"), 1.0)
+    intercept = _number(ds.get("RescaleIntercept"), 0.0)
+    if slope != 1.0 or (intercept is not None and intercept != int(intercept)):
+        return "float32"
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1 or (intercept or 0) < 0
+    if bits <= 8 and not signed:
+        return "uint8"
+    return "int16" if signed else "uint16"
+
+
+def _first_item(dataset, keyword: str):
+    seq = dataset.get(keyword)
+    return seq[0] if seq else None
+
+
+def read_header(path: str) -> DicomHeader:
+    """Parse one file's header. Raises SourceError (with `path` as name) for non-image DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_dicom_magic(path))
+    except PermissionError:
+        raise SourceError(path, "cannot read: permission denied") from None
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise SourceError(
+            path, f"not a readable DICOM file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        ) from None
+    if not has_dicom_magic(path) and "SOPClassUID" not in ds and "Rows" not in ds:
+        raise SourceError(path, "not a DICOM file (no DICM marker and no image attributes)")
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", ""))
+    if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        raise SourceError(path, "DICOMDIR index file, not an image")
+    if "Rows" not in ds or "Columns" not in ds:
+        kind = getattr(ds.get("SOPClassUID"), "name", None) or "no pixel data"
+        raise SourceError(path, f"DICOM object without an image ({kind})")
+    if "SeriesInstanceUID" not in ds:
+        raise SourceError(path, "DICOM image without a SeriesInstanceUID, so it cannot be grouped into a series")
+
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def from_groups(frame_item, seq_keyword: str, keyword: str):
+        """A functional-group value: per-frame first, then shared (DICOM PS3.3 C.7.6.16)."""
+        for group in (frame_item, shared):
+            item = _first_item(group, seq_keyword) if group is not None else None
+            if item is not None and keyword in item:
+                return item.get(keyword)
+        return None
+
+    measures = from_groups(per_frame[0] if per_frame else None, "PixelMeasuresSequence", "PixelSpacing")
+    pixel_spacing = _floats(ds.get("PixelSpacing") or measures, 2)
+    slice_spacing = _number(ds.get("SpacingBetweenSlices")) or _number(ds.get("SliceThickness"))
+    if slice_spacing is None and (shared is not None or per_frame):
+        first = per_frame[0] if per_frame else None
+        slice_spacing = _number(from_groups(first, "PixelMeasuresSequence", "SpacingBetweenSlices")) or _number(
+            from_groups(first, "PixelMeasuresSequence", "SliceThickness")
+        )
+
+    header = DicomHeader(
+        path=path,
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_uid=str(ds.get("SOPInstanceUID", path)),
+        modality=str(ds.get("Modality", "") or "").strip().upper() or None,
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        n_frames=int(_number(ds.get("NumberOfFrames"), 1) or 1),
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip(),
+        ipp=_floats(ds.get("ImagePositionPatient"), 3),
+        iop=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        slope=_number(ds.get("RescaleSlope"), 1.0) or 1.0,
+        intercept=_number(ds.get("RescaleIntercept"), 0.0) or 0.0,
+        series_number=str(ds.get("SeriesNumber", "") or ""),
+        stored_dtype=_stored_dtype(ds),
+        sort_key=(
+            _number(ds.get("TemporalPositionIdentifier"), 0),
+            _number(ds.get("AcquisitionNumber"), 0),
+            _number(ds.get("EchoNumbers"), 0),
+            _number(ds.get("InstanceNumber"), 0),
+        ),
+    )
+    if header.n_frames > 1 and per_frame:
+        for item in per_frame:
+            header.frame_ipp.append(_floats(from_groups(item, "PlanePositionSequence", "ImagePositionPatient"), 3))
+            header.frame_iop.append(
+                _floats(from_groups(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6) or header.iop
+            )
+            slope = _number(from_groups(item, "PixelValueTransformationSequence", "RescaleSlope"), header.slope)
+            intercept = _number(
+                from_groups(item, "PixelValueTransformationSequence", "RescaleIntercept"), header.intercept
+            )
+            header.frame_rescale.append((slope or 1.0, intercept or 0.0))
+    return header
