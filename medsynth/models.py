@@ -65,8 +65,19 @@ class Generator3d(nn.Module):
         return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: the mean over features and voxels of the per-voxel standard deviation
+    across the batch (Karras et al. 2018). Collapse shows up as a small value D can pick on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # sqrt(var + eps), not std(): where every volume in the batch has the same value (the
+        # background), std's gradient is 0/0 = NaN, which poisoned D within 25 steps.
+        spread = torch.sqrt(x.float().var(dim=0, unbiased=False) + 1e-8).mean()  # over the batch, then everything
+        return torch.cat([x, spread.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])], dim=1)  # (B, C+1, ...)
+
+
 class Discriminator3d(nn.Module):
-    """volume (B, 1, X, Y, Z) -> one logit per volume (B,)."""
+    """volumes (B, pack, X, Y, Z) -> one logit per pack of volumes (B,)."""
 
     def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
         super().__init__()
@@ -75,7 +86,8 @@ class Discriminator3d(nn.Module):
         base_shape = _base_shape(tuple(shape), stages)
         wrap = nn.utils.parametrizations.spectral_norm if config.spectral_norm else (lambda module: module)
         layers: list[nn.Module] = [
-            wrap(nn.Conv3d(1, channels[0], kernel_size=4, stride=2, padding=1)),  # no norm on the first layer
+            # No norm on the first layer. PacGAN stacks `pack` volumes as input channels.
+            wrap(nn.Conv3d(config.pack, channels[0], kernel_size=4, stride=2, padding=1)),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         for i in range(1, stages):
@@ -88,8 +100,10 @@ class Discriminator3d(nn.Module):
             elif norm == "instance":
                 layers.append(nn.InstanceNorm3d(channels[i], affine=True))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
+        if config.minibatch_std:
+            layers.append(MinibatchStd())
         self.features = nn.Sequential(*layers)
-        self.to_logit = wrap(nn.Linear(channels[-1] * math.prod(base_shape), 1))
+        self.to_logit = wrap(nn.Linear((channels[-1] + int(config.minibatch_std)) * math.prod(base_shape), 1))
         initialise_dcgan(self)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:

@@ -210,8 +210,9 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
 
     generator, discriminator = build_models(config.model, plan.target_shape)
     z = torch.zeros(1, config.model.latent_dim)
-    volume = torch.zeros(1, 1, *plan.target_shape)
-    g_flops, d_flops = forward_flops(generator, z), forward_flops(discriminator, volume)
+    volume = torch.zeros(1, config.model.pack, *plan.target_shape)
+    g_flops = forward_flops(generator, z)
+    d_flops = forward_flops(discriminator, volume) / config.model.pack  # per volume judged
     batch = config.train.batch_size
     # A step: D sees m real and m fake (G forward without grad), then G trains through D. Backward
     # costs about twice the forward.

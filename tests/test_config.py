@@ -22,6 +22,14 @@ def test_yaml_then_overrides(tmp_path):
     assert config.seed == 9
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; a learning rate written that way must still work."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_generator: 1e-4\n")
+    assert load_config(path, ["train.lr_discriminator=4e-4"]).train.lr_discriminator == 4e-4
+    assert load_config(path).train.lr_generator == 1e-4
+
+
 def test_round_trip_through_plain_data(tmp_path):
     import yaml
 

@@ -11,7 +11,7 @@ from medsynth.config import ModelConfig
 from medsynth.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.models import Discriminator3d, Generator3d, build_models, forward_flops, sample_latent
 
-TINY = ModelConfig(latent_dim=8, base_channels=1, max_channels=4)
+TINY = ModelConfig(latent_dim=8, base_channels=1, max_channels=4, pack=1)
 
 
 @pytest.mark.parametrize("side", [16, 32, 64, 128, 256])
@@ -50,7 +50,9 @@ def test_width_is_set_by_base_channels():
 
 
 def test_discriminator_structure_first_layer_without_norm_and_leaky_relu():
-    discriminator = Discriminator3d(ModelConfig(base_channels=4), (32, 32, 32))
+    discriminator = Discriminator3d(
+        ModelConfig(base_channels=4, spectral_norm=False, discriminator_norm="batch", pack=1), (32, 32, 32)
+    )
     layers = list(discriminator.features)
     assert isinstance(layers[0], torch.nn.Conv3d) and isinstance(layers[1], torch.nn.LeakyReLU)
     assert layers[1].negative_slope == 0.2
@@ -65,7 +67,7 @@ def test_generator_structure_transposed_convolutions_batchnorm_relu():
 
 def test_spectral_norm_option():
     discriminator = Discriminator3d(
-        ModelConfig(base_channels=4, spectral_norm=True, discriminator_norm="none"), (16, 16, 16)
+        ModelConfig(base_channels=4, spectral_norm=True, discriminator_norm="none", pack=1), (16, 16, 16)
     )
     convs = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv3d)]
     assert all(hasattr(c, "parametrizations") for c in convs)
@@ -131,3 +133,19 @@ def test_r1_and_gradient_penalty():
     fake = torch.randn(2, 1, 2, 2, 2)
     expected = (3.0 * 8**0.5 - 1.0) ** 2
     assert torch.allclose(gradient_penalty(critic, real.detach(), fake), torch.tensor(expected))
+
+
+def test_minibatch_std_has_finite_gradients_on_identical_volumes():
+    """Real batches share their background exactly; std's gradient there is 0/0. Regression test
+    for the NaN that stopped training within 25 steps."""
+    discriminator = Discriminator3d(ModelConfig(base_channels=2, minibatch_std=True, pack=1), (16, 16, 16))
+    volumes = torch.full((4, 1, 16, 16, 16), -1.0, requires_grad=True)
+    logits = discriminator(volumes)
+    (gradient,) = torch.autograd.grad(logits.sum(), volumes, create_graph=True)
+    gradient.pow(2).sum().backward()  # the R1 double backward
+    assert all(torch.isfinite(p.grad).all() for p in discriminator.parameters() if p.grad is not None)
+
+
+def test_pacgan_discriminator_takes_packs():
+    discriminator = Discriminator3d(ModelConfig(base_channels=2, pack=2), (16, 16, 16))
+    assert discriminator(torch.zeros(3, 2, 16, 16, 16)).shape == (3,)
