@@ -6,6 +6,7 @@ answers at once. Exit codes: 0 ok, 1 failure, 2 usage error.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def demo(
     from medsynth.runs import RunRefused
     from medsynth.train import TrainingStopped
 
-    settings = demo_config(steps, size, [*set_, f"train.device={device}"])
+    settings = demo_config(steps, size, [f"train.batch_size={min(8, phantoms)}", *set_, f"train.device={device}"])
     runtime = distributed.setup(settings.train.device)
     try:
         with (
@@ -307,6 +308,67 @@ def demo(
         ["synthetic volumes, preview", result["sample_preview"] or "-"],
     ]
     console.out.print(console.table("Demo finished", ["what", "where"], rows))
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  medsynth evaluate --real held-out/ --synthetic samples/ --train train/ --checkpoint runs/brains -o report/\n\n"
+        "  medsynth evaluate --real scans/ --synthetic other-tool-output/ -o report/ --json"
+    )
+)
+def evaluate(
+    real: Path = typer.Option(..., "--real", help="Real volumes, ideally held out from training."),
+    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic volumes (any tool's)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for report.json and the figures."),
+    train_dir: Path | None = typer.Option(
+        None, "--train", help="The training volumes: enables the memorisation audit."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Use this run's or checkpoint's plan (else one from --real)."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice (folds, permutations, bootstrap)."),
+    json_output: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
+) -> None:
+    """Realism (C2ST, MMD, PRDC, W1), diversity (MS-SSIM) and a memorisation audit, with intervals."""
+    from medsynth import console
+    from medsynth.checkpoint import CheckpointError, load_checkpoint
+    from medsynth.evaluate import run_evaluation, summary_rows
+    from medsynth.plan import Plan, PlanError
+
+    settings = _load_config(config, set_)
+    for path in (real, synthetic, train_dir):
+        if path is not None and not path.exists():
+            raise Failure(f"{path}: no such file or folder", code=2)
+    try:
+        plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
+        with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
+            report = run_evaluation(
+                real,
+                synthetic,
+                output,
+                settings,
+                train_dir=train_dir,
+                plan=plan,
+                seed=seed,
+                progress=progress,
+                on_message=console.info,
+            )
+    except (CheckpointError, PlanError) as exc:
+        raise Failure(str(exc)) from None
+    if json_output:
+        console.print_json(json.loads((output / "report.json").read_text()))
+        return
+    console.out.print(
+        console.table(
+            f"Evaluation ({output / 'report.json'})", ["metric", "value [95% CI]", "n", "reading"], summary_rows(report)
+        )
+    )
+    for warning in report["warnings"]:
+        console.warn(warning)
+    console.info("figures: " + ", ".join(report["figures"].values()))
 
 
 def _flops(gflops: float) -> str:
