@@ -1,4 +1,4 @@
-# medsynth: `make install` sets everything up; `make test` sets up, lints and tests.
+# medsynth: `make demo` sets everything up and runs the demo; `make test` sets up, lints and tests.
 #
 # The virtual environment lives in .venv. torch is installed first, on its own, from TORCH_SPEC:
 # the default pins the CPU build so that a plain install does not pull several GB of CUDA
@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The whole pipeline on built-in phantoms: no data needed.
+demo: install
+	$(BIN)/medsynth demo
+
 lint: install
-	$(BIN)/ruff check medsynth tests benchmarks
-	$(BIN)/ruff format --check medsynth tests benchmarks
+	$(BIN)/ruff check medsynth tests benchmarks scripts
+	$(BIN)/ruff format --check medsynth tests benchmarks scripts
 
 format: install
-	$(BIN)/ruff check --fix medsynth tests benchmarks
-	$(BIN)/ruff format medsynth tests benchmarks
+	$(BIN)/ruff check --fix medsynth tests benchmarks scripts
+	$(BIN)/ruff format medsynth tests benchmarks scripts
 
 # pytest exits 5 when it collects no tests; make treats that as the failure it is.
 test: lint
@@ -42,6 +46,8 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/preprocess_cache.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/sample_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
