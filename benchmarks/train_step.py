@@ -74,7 +74,8 @@ class ReferenceLoop:
         from medsynth.config import ModelConfig
 
         self.device = device
-        model = ModelConfig(**{**config.model.__dict__})
+        # The same layers, fed one volume per D input as plain DCGAN code does (no PacGAN packing).
+        model = ModelConfig(**{**config.model.__dict__, "pack": 1})
         self.generator, self.discriminator = (m.to(device) for m in build_models(model, shape))
         self.opt_g = torch.optim.Adam(self.generator.parameters(), 2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), 2e-4, betas=(0.5, 0.999))

@@ -133,7 +133,7 @@ def train(
         False, "--dry-run", help="Plan and size the models, print parameter and FLOP counts, train nothing."
     ),
 ) -> None:
-    """Train the 3D DCGAN on a folder of scans. Resumes automatically; SIGINT/SIGTERM checkpoint and stop."""
+    """Train the 3D DCGAN on a folder of scans. Resumes automatically; SIGINT/SIGTERM/SIGUSR1 checkpoint and stop (exit 128+signal)."""
     from medsynth import console
     from medsynth.config import replace
 
@@ -366,6 +366,8 @@ def evaluate(
             f"Evaluation ({output / 'report.json'})", ["metric", "value [95% CI]", "n", "reading"], summary_rows(report)
         )
     )
+    for line in report["verdict"]:
+        console.out.print(line)
     for warning in report["warnings"]:
         console.warn(warning)
     console.info("figures: " + ", ".join(report["figures"].values()))

@@ -8,7 +8,7 @@ Each step follows Goodfellow et al.'s algorithm with DCGAN networks:
 3. update the EMA copy of G, which previews and sampling use.
 
 Around it: bf16 autocast, DDP, exact resume (RNG states, data position and optimiser states are
-in every checkpoint), atomic checkpoints, SIGINT/SIGTERM handling and a divergence guard.
+in every checkpoint), atomic checkpoints, SIGINT/SIGTERM/SIGUSR1 handling and a divergence guard.
 """
 
 from __future__ import annotations
@@ -464,7 +464,8 @@ class Trainer:
         """Train to max_steps. Returns the final step. Raises TrainingStopped on a signal or guard stop."""
         train = self.config.train
         handlers = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGUSR1: what SLURM sends before a time limit with `--signal=USR1@120`.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
                 handlers[signum] = signal.signal(signum, self._on_signal)
         try:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medsynth.config import load_config
 from medsynth.evaluate import run_evaluation, summary_rows
+from medsynth.evaluate.similarity import _blur, max_shifted_ncc, ms_ssim
 from medsynth.evaluate.stats import mann_whitney_z, wilson_interval
 from medsynth.io import Volume, write_nifti
 from medsynth.phantoms import head_phantom
@@ -46,8 +48,15 @@ def evaluate(sets, synthetic, out, train=True):
     )
 
 
-def test_same_distribution_is_not_told_apart(sets, tmp_path):
-    report = evaluate(sets, "same", tmp_path)
+@pytest.fixture(scope="module")
+def same_report(sets, tmp_path_factory):
+    """Evaluated once: several tests read the same-distribution report."""
+    out = tmp_path_factory.mktemp("same_report")
+    return evaluate(sets, "same", out), out
+
+
+def test_same_distribution_is_not_told_apart(same_report):
+    report, _ = same_report
     low, high = report["c2st"]["ci95"]
     assert low <= 0.5 + 0.05 and report["c2st"]["value"] < 0.75
     assert report["mmd"]["permutation_p_value"] > 0.01
@@ -56,11 +65,11 @@ def test_same_distribution_is_not_told_apart(sets, tmp_path):
     assert report["diversity_ms_ssim"]["mode_collapse_warning"] is None
 
 
-def test_different_distribution_is_told_apart(sets, tmp_path):
+def test_different_distribution_is_told_apart(sets, same_report, tmp_path):
     report = evaluate(sets, "different", tmp_path, train=False)
     assert report["c2st"]["value"] > 0.9 and report["c2st"]["ci95"][0] > 0.5
     assert report["mmd"]["permutation_p_value"] < 0.01
-    same = evaluate(sets, "same", tmp_path / "same", train=False)
+    same, _ = same_report
     assert report["intensity_wasserstein"]["value"] > 3 * same["intensity_wasserstein"]["value"]
     assert report["frechet_distance"]["value"] > same["frechet_distance"]["value"]
 
@@ -71,6 +80,7 @@ def test_copies_of_training_volumes_are_flagged(sets, tmp_path):
     assert memo["flagged_share"]["value"] > 0.9  # shifted by a voxel, still caught
     assert memo["data_copying_z"]["value"] < -3
     assert all(c["synthetic_name"] == c["train_name"] for c in memo["closest"])
+    assert any(line.startswith("Privacy:") and "flagged_pairs.png" in line for line in report["verdict"])
     assert Path(report["figures"]["flagged_pairs"]).exists()
 
 
@@ -89,9 +99,9 @@ def test_mode_collapse_warning(tmp_path, sets):
     assert any("only 16 synthetic volumes" in w for w in report["warnings"])  # and the set is small
 
 
-def test_report_json_figures_and_sample_sizes(sets, tmp_path):
-    report = evaluate(sets, "same", tmp_path)
-    on_disk = json.loads((tmp_path / "report.json").read_text())
+def test_report_json_figures_and_sample_sizes(same_report):
+    report, out = same_report
+    on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["n"] == {"real": 24, "synthetic": 24, "train": 24}
     for key in (
         "c2st",
@@ -126,6 +136,7 @@ def test_cli_prints_a_table_and_json(run_cli, sets, tmp_path):
     )
     assert code == 0, err
     assert "C2ST held-out accuracy" in out and "Traceback" not in err
+    assert "Realism:" in out and "Diversity:" in out and "Privacy: not audited" in out
 
 
 def test_statistics_helpers():
@@ -133,3 +144,28 @@ def test_statistics_helpers():
     assert low < 0.5 < high and 0.39 < low < 0.41
     assert mann_whitney_z(np.arange(10), np.arange(10) + 100) < -3
     assert abs(mann_whitney_z(np.arange(10), np.arange(10))) < 1e-9
+
+
+def test_ms_ssim_is_one_for_identical_volumes_and_falls_with_noise():
+    torch.manual_seed(0)
+    volume = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 36, 36, 36), 5, 1)  # smooth, 32³
+    scores = [ms_ssim(volume, volume + torch.randn_like(volume) * level).item() for level in (0.0, 0.05, 0.2, 1.0)]
+    assert abs(scores[0] - 1.0) < 1e-5
+    assert scores == sorted(scores, reverse=True) and scores[-1] < 0.5
+
+
+def test_separable_blur_matches_a_direct_convolution():
+    torch.manual_seed(0)
+    volume = torch.randn(2, 3, 12, 10, 9)
+    window = torch.tensor([0.1, 0.2, 0.4, 0.2, 0.1])
+    kernel = window[:, None, None] * window[None, :, None] * window[None, None, :]  # the 3D Gaussian it stands for
+    direct = torch.nn.functional.conv3d(volume, kernel.expand(3, 1, 5, 5, 5), groups=3)
+    assert torch.allclose(_blur(volume, window), direct, atol=1e-5)
+
+
+def test_shifted_ncc_finds_a_moved_copy():
+    torch.manual_seed(0)
+    references = torch.randn(3, 1, 16, 16, 16)
+    moved = torch.roll(references[1:2], shifts=(2, -1, 1), dims=(2, 3, 4)) * 3.0 + 5.0  # shifted, rescaled
+    scores = max_shifted_ncc(moved, references)
+    assert scores.shape == (1, 3) and abs(scores[0, 1].item() - 1.0) < 1e-5 and scores[0, 0] < 0.3

@@ -205,7 +205,7 @@ def _cli(*args, env=None, **kwargs):
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_signal_writes_a_checkpoint_and_exits_cleanly(phantom_dir, tmp_path, signum):
     run = tmp_path / "run"
     process = _cli(

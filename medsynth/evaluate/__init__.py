@@ -163,6 +163,7 @@ def run_evaluation(
             f"Flagged as likely copies ({len(flagged)} shown)",
         )
     report["figures"] = {k: str(v) for k, v in paths.items()}
+    report["verdict"] = verdict(report)
     atomic_write_json(out_dir / "report.json", _plain(report))
     return report
 
@@ -180,6 +181,55 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+    """The report in three plain sentences, one each for realism, diversity and privacy, each
+    naming the figure it rests on, so the reader does not have to know every metric."""
+    lines = []
+    c2st = report.get("c2st")
+    if c2st:
+        low, high = c2st["ci95"]
+        n = c2st["n"]["real"] + c2st["n"]["synthetic"]
+        if low is not None and low <= 0.55:
+            lines.append(
+                f"Realism: a 3D classifier could not reliably tell the sets apart "
+                f"(held-out accuracy {c2st['value']:.2f}, 95% CI {low:.2f}-{high:.2f}, {n} volumes)."
+            )
+        else:
+            lines.append(
+                f"Realism: a 3D classifier tells synthetic from real {c2st['value']:.0%} of the time "
+                f"(95% CI {low:.2f}-{high:.2f}, {n} volumes; 50% would be indistinguishable). "
+                "See real_vs_synthetic.png and intensity_histograms.png for how they differ."
+            )
+    diversity = report["diversity_ms_ssim"]
+    if diversity.get("real") and diversity.get("synthetic"):
+        real, synthetic = diversity["real"]["value"], diversity["synthetic"]["value"]
+        if diversity["mode_collapse_warning"]:
+            lines.append(
+                f"Diversity: too low; synthetic volumes are more alike (MS-SSIM {synthetic:.3f}) than real ones "
+                f"({real:.3f}), the signature of mode collapse."
+            )
+        else:
+            lines.append(
+                f"Diversity: comparable to the real set (mean pairwise MS-SSIM {synthetic:.3f} vs {real:.3f}; "
+                "lower is more diverse)."
+            )
+    memo = report.get("memorisation")
+    if memo:
+        share, z = memo["flagged_share"]["value"], memo["data_copying_z"]["value"]
+        if share > 0.05 or z < -3:
+            lines.append(
+                f"Privacy: {share:.0%} of synthetic volumes are closer to a training volume than 99% of held-out "
+                f"scans are (data-copying z {z:.1f}); inspect flagged_pairs.png before sharing this set."
+            )
+        else:
+            lines.append(
+                f"Privacy: no sign of copying ({share:.0%} flagged, data-copying z {z:.1f}; below -3 would suggest it)."
+            )
+    else:
+        lines.append("Privacy: not audited; pass --train with the training volumes to check for copies.")
+    return lines
 
 
 def _fmt(metric: dict[str, Any] | None, digits: int = 3) -> str:

@@ -22,13 +22,24 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-def _blur(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter, 'valid' region only: (B, 1, X, Y, Z) -> smaller."""
+def _band_matrix(window: torch.Tensor, length: int) -> torch.Tensor:
+    """(length - n + 1, length): row i holds the window at columns i..i+n-1 ('valid' filtering)."""
     n = window.numel()
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = n
-        volume = F.conv3d(volume, window.reshape(shape))
+    rows = torch.arange(length - n + 1)[:, None]
+    columns = rows + torch.arange(n)[None, :]
+    band = torch.zeros(length - n + 1, length, dtype=window.dtype, device=window.device)
+    band[rows.expand(-1, n), columns] = window.expand(length - n + 1, -1)
+    return band
+
+
+def _blur(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter, 'valid' region only: (B, C, X, Y, Z) -> smaller.
+
+    Each axis is a matrix product with a banded matrix: on CPU that is about 6x faster than
+    single-channel Conv3d with a 1D kernel, which oneDNN runs on a slow path."""
+    for axis in range(2, 5):
+        band = _band_matrix(window, volume.shape[axis])
+        volume = torch.movedim(torch.movedim(volume, axis, -1) @ band.T, -1, axis)
     return volume
 
 
@@ -54,10 +65,11 @@ def ms_ssim(
     weights = weights / weights.sum()
     values = []
     for scale in range(scales):
-        mu_a, mu_b = _blur(a, kernel), _blur(b, kernel)
-        sigma_a = _blur(a * a, kernel) - mu_a**2
-        sigma_b = _blur(b * b, kernel) - mu_b**2
-        sigma_ab = _blur(a * b, kernel) - mu_a * mu_b
+        # One filtering pass over all five moments: (B, 5, x, y, z).
+        mu_a, mu_b, aa, bb, ab = _blur(torch.cat([a, b, a * a, b * b, a * b], dim=1), kernel).split(1, dim=1)
+        sigma_a = aa - mu_a**2
+        sigma_b = bb - mu_b**2
+        sigma_ab = ab - mu_a * mu_b
         contrast_structure = (2 * sigma_ab + c2) / (sigma_a + sigma_b + c2)
         if scale == scales - 1:
             luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
@@ -91,11 +103,13 @@ def max_shifted_ncc(queries: torch.Tensor, references: torch.Tensor, max_shift: 
     queries (Q, 1, x, y, z), references (R, 1, x, y, z) -> (Q, R) in [-1, 1].
     """
     reference_flat = _standardise(references)  # (R, V)
+    # A circular shift keeps a volume's mean and norm, so standardising once before shifting is exact.
+    standard_queries = _standardise(queries).reshape(queries.shape)  # (Q, 1, x, y, z)
     best = torch.full((queries.shape[0], references.shape[0]), -1.0)
     span = range(-max_shift, max_shift + 1)
     for dx in span:
         for dy in span:
             for dz in span:
-                shifted = torch.roll(queries, shifts=(dx, dy, dz), dims=(2, 3, 4))
-                best = torch.maximum(best, _standardise(shifted) @ reference_flat.T)
+                shifted = torch.roll(standard_queries, shifts=(dx, dy, dz), dims=(2, 3, 4)).flatten(1)  # (Q, V)
+                best = torch.maximum(best, shifted @ reference_flat.T)
     return best
