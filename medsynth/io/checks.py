@@ -6,6 +6,14 @@ import numpy as np
 
 from medsynth.io.volume import SourceError
 
+# The most voxels one 3D frame may declare: 2^30 (4 GiB as float32), far above any scanner's
+# volume (a 512×512×2000 CT is 2^29). Checked from the header, before anything is allocated, so
+# a header claiming 10^12 voxels is refused instead of exhausting memory.
+MAX_FRAME_VOXELS = 2**30
+# Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds at most ~1032 n.
+# A header declaring more than that is lying (or the file is truncated): refuse before reading.
+MAX_DEFLATE_RATIO = 1032
+
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "×".join(str(n) for n in shape)
@@ -60,3 +68,43 @@ def check_affine(name: str, affine: np.ndarray) -> None:
         raise SourceError(name, "the voxel-to-world affine contains NaN or Inf")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise SourceError(name, "the voxel-to-world affine is singular (a zero voxel size or collapsed axes)")
+
+
+class DeclaredSizeError(SourceError):
+    """The header's declared size is impossible. Final: no other reader may try the file, since
+    SimpleITK, for one, zero-fills what is missing from a truncated file."""
+
+
+def check_declared_size(
+    name: str,
+    shape: tuple[int, ...],
+    itemsize: int,
+    file_bytes: int | None = None,
+    data_offset: int = 0,
+    compressed: bool = False,
+) -> None:
+    """Refuse, from the header alone, images whose declared size is absurd or cannot be in the file.
+    `file_bytes` None: the voxels are elsewhere (.hdr/.img, .mhd/.raw), so only the count is checked."""
+    frame_voxels = int(np.prod([int(n) for n in shape[:3]], dtype=object))
+    if frame_voxels > MAX_FRAME_VOXELS:
+        raise DeclaredSizeError(
+            name,
+            f"the header declares {_fmt_shape(shape)} = {frame_voxels:.3g} voxels per volume, "
+            f"more than medsynth reads ({MAX_FRAME_VOXELS:.3g}); the header is probably corrupt",
+        )
+    data_bytes = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize
+    if file_bytes is None:
+        return
+    if compressed:
+        most = (file_bytes + 1) * MAX_DEFLATE_RATIO
+        if data_offset + data_bytes > most:
+            raise DeclaredSizeError(
+                name,
+                f"the header declares {data_bytes:.3g} bytes of voxels, more than a {file_bytes}-byte compressed "
+                "file can hold: truncated, or a corrupt header",
+            )
+    elif data_offset + data_bytes > file_bytes:
+        raise DeclaredSizeError(
+            name,
+            f"truncated: the header declares {data_offset + data_bytes} bytes but the file has {file_bytes}",
+        )

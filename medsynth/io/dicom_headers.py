@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medsynth.io.checks import check_declared_size
 from medsynth.io.volume import SourceError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -87,13 +89,36 @@ def _first_item(dataset, keyword: str):
     return seq[0] if seq else None
 
 
+class _BoundedFile:
+    """A binary file whose read(n) never asks for more than is left in it.
+
+    A buffered read(n) allocates n bytes before it reads, so a corrupt length field (one flipped
+    byte made 2 read as 1 040 187 394) allocated 1 GiB for a 24 kB file."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by read_header
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._file.read()
+        return self._file.read(min(size, max(0, self._size - self._file.tell())))
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
 def read_header(path: str) -> DicomHeader:
     """Parse one file's header. Raises SourceError (with `path` as name) for non-image DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_dicom_magic(path))
+        handle = _BoundedFile(path)
+        try:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_dicom_magic(path))
+        finally:
+            handle.close()
     except PermissionError:
         raise SourceError(path, "cannot read: permission denied") from None
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -155,6 +180,16 @@ def read_header(path: str) -> DicomHeader:
             _number(ds.get("EchoNumbers"), 0),
             _number(ds.get("InstanceNumber"), 0),
         ),
+    )
+    # From the header alone, before SimpleITK allocates anything for the pixels.
+    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = bool(getattr(transfer_syntax, "is_compressed", False))
+    bits = int(_number(ds.get("BitsAllocated"), 16) or 16)
+    check_declared_size(
+        path,
+        (header.cols, header.rows, header.n_frames),
+        itemsize=max(1, bits // 8) * max(1, header.samples_per_pixel),
+        file_bytes=None if compressed else os.path.getsize(path),  # encapsulated: any ratio is possible
     )
     if header.n_frames > 1 and per_frame:
         for item in per_frame:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medsynth.config import IoConfig
 from medsynth.io import dicom, itk, nifti
-from medsynth.io.checks import frame_count
+from medsynth.io.checks import DeclaredSizeError, frame_count
 from medsynth.io.sources import Discovery, Skipped, Source
 from medsynth.io.volume import SourceError
 
@@ -103,7 +103,7 @@ def _probe_file(path: str, name: str, kind: str) -> tuple[str, tuple[int, ...], 
         try:
             shape, warnings = probe(Path(path), name)
         except SourceError as exc:
-            if "not supported" in exc.reason or "permission denied" in exc.reason:
+            if isinstance(exc, DeclaredSizeError) or "not supported" in exc.reason or "permission denied" in exc.reason:
                 raise SourceError(name, exc.reason) from None
             first_error = first_error or exc
             continue

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsynth.io.checks import check_declared_size
 from medsynth.io.volume import LPS_TO_RAS, SourceError
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -54,7 +55,9 @@ def probe(path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
         raise SourceError(name, f"SimpleITK cannot read it ({_itk_reason(exc)})") from None
     if reader.GetNumberOfComponents() > 1:
         raise SourceError(name, f"{reader.GetNumberOfComponents()}-component (RGB or vector) pixels are not supported")
-    return tuple(int(n) for n in reader.GetSize()), []
+    shape = tuple(int(n) for n in reader.GetSize())
+    check_declared_size(name, shape, itemsize=4)  # formats differ in where voxels live: count only
+    return shape, []
 
 
 def image_to_volume_parts(image, frame: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsynth.io.checks import check_declared_size
 from medsynth.io.volume import SourceError, shear_degrees
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".mgh", ".mgz")
@@ -46,7 +47,23 @@ def probe(path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
     dtype = header.get_data_dtype()
     if dtype.names is not None or dtype.kind == "c":
         raise SourceError(name, f"{'RGB/structured' if dtype.names else 'complex'} voxels ({dtype}) are not supported")
-    return tuple(int(n) for n in image.shape), geometry_warnings(image)
+    shape = tuple(int(n) for n in image.shape)
+    if any(n < 0 for n in shape):
+        raise SourceError(name, f"negative dimension in the header ({shape})")
+    separate_voxels = path.name.lower().endswith(".hdr")  # the voxels live in the .img beside it
+    check_declared_size(
+        name,
+        shape,
+        dtype.itemsize,
+        file_bytes=None if separate_voxels else path.stat().st_size,
+        data_offset=int(getattr(image.dataobj, "offset", 0) or 0),
+        compressed=path.name.lower().endswith((".gz", ".mgz")),
+    )
+    try:
+        warnings = geometry_warnings(image)
+    except Exception as exc:  # a header whose affine nibabel cannot even build (NaN quaternions...)
+        raise SourceError(name, f"unusable geometry in the header ({describe_error(exc)})") from None
+    return shape, warnings
 
 
 def geometry_warnings(image) -> list[str]:
