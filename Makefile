@@ -41,8 +41,9 @@ format: install
 test: lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
+# The slow suite's fault-injection and fuzz tests rewrite docs/reliability.md with their counts.
 test-slow: install
-	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+	MEDSYNTH_UPDATE_RELIABILITY=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/preprocess_cache.py

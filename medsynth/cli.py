@@ -420,7 +420,7 @@ def main() -> None:
     keeps its traceback, so that it gets reported and fixed.
     """
     from medsynth.config import ConfigError
-    from medsynth.errors import SourceError
+    from medsynth.errors import SourceError, WriteError
 
     try:
         app()
@@ -428,7 +428,7 @@ def main() -> None:
         _fail(str(exc), exc.code)
     except ConfigError as exc:
         _fail(str(exc), 2)
-    except SourceError as exc:
+    except (SourceError, WriteError) as exc:
         _fail(str(exc), 1)
 
 
