@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint_path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        # torch's first line suggests retrying with weights_only=False: exactly what must not be
+        # done with a stranger's file. Report the actual finding instead.
+        text = str(exc)
+        found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", text, flags=re.IGNORECASE)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: it holds a Python object ({found.group(1)}) that could run code when loaded, "
+                "not only weights; medsynth loads checkpoints with weights_only=True"
+            ) from None
+        lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+        lines = [line for line in lines if not line.startswith(("Check the documentation", "Please file an issue"))]
+        reason = (lines[0] if lines else "unpickling failed").replace("WeightsUnpickler error:", "").strip()[:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({reason})") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

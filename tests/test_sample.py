@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from reliability_report import record
 
 from medsynth.checkpoint import load_checkpoint
 from medsynth.config import load_config
@@ -269,9 +270,22 @@ def test_malicious_checkpoint_cannot_run_code(tmp_path, run_cli):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pt"
-    torch.save({"format": "medsynth-checkpoint", "payload": Exploit()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"format": "medsynth-checkpoint", "payload": Exploit()}, path)
     code, stderr = sample(run_cli, path, tmp_path / "out", "-n", 1)
     assert code == 1 and not marker.exists()
+    assert "could run code" in stderr and "system" in stderr and "Traceback" not in stderr
+    assert "weights_only=False" not in stderr  # torch's advice to drop the protection is not passed on
+    # Pickle protocol 5 fails earlier in the weights-only unpickler, as corrupt: refused all the same.
+    torch.save({"format": "medsynth-checkpoint", "payload": Exploit()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    code, stderr = sample(run_cli, path, tmp_path / "out", "-n", 1)
+    assert code == 1 and not marker.exists() and "Traceback" not in stderr
+    record(
+        "checkpoint-untrusted",
+        "untrusted checkpoints",
+        "a checkpoint whose pickle would run a shell command; a truncated checkpoint; one of schema version 99",
+        3,
+        "all refused with one line naming the file and the reason (the code never runs: weights_only=True)",
+    )
 
 
 def test_bad_shard_is_a_usage_error(run_cli, ct_run, tmp_path):

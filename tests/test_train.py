@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_report import record as record_reliability
 
 from medsynth.checkpoint import load_checkpoint
 from medsynth.config import load_config
@@ -235,6 +236,13 @@ def test_signal_writes_a_checkpoint_and_exits_cleanly(phantom_dir, tmp_path, sig
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     assert f"resuming {run} from step {step}" in err and load_checkpoint(run)["step"] == step + 2
+    record_reliability(
+        f"signal-{signal.Signals(signum).name}",
+        f"pre-emption ({signal.Signals(signum).name})",
+        "sent to `medsynth train` mid-run, then the same command re-run",
+        1,
+        f"checkpoint written, exit {128 + signum}, resumed from the same step",
+    )
 
 
 def test_explicit_flags_beat_set_beats_yaml(run_cli, phantom_dir, tmp_path):
