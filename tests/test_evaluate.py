@@ -169,3 +169,15 @@ def test_shifted_ncc_finds_a_moved_copy():
     moved = torch.roll(references[1:2], shifts=(2, -1, 1), dims=(2, 3, 4)) * 3.0 + 5.0  # shifted, rescaled
     scores = max_shifted_ncc(moved, references)
     assert scores.shape == (1, 3) and abs(scores[0, 1].item() - 1.0) < 1e-5 and scores[0, 0] < 0.3
+
+
+def test_subsample_interval_has_the_right_width_and_holds_the_estimate():
+    from medsynth.evaluate.stats import two_set_subsample_interval
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 200), rng.normal(0.5, 1, 100)
+    point = b.mean() - a.mean()
+    low, high = two_set_subsample_interval(lambda i, j: b[j].mean() - a[i].mean(), point, 200, 100, rng, resamples=800)
+    expected_half_width = 1.96 * np.sqrt(1 / 200 + 1 / 100)  # the textbook interval for a difference of means
+    assert low < point < high
+    assert abs((high - low) / 2 - expected_half_width) < 0.1 * expected_half_width

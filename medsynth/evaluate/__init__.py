@@ -191,15 +191,17 @@ def verdict(report: dict[str, Any]) -> list[str]:
     if c2st:
         low, high = c2st["ci95"]
         n = c2st["n"]["real"] + c2st["n"]["synthetic"]
-        if low is not None and low <= 0.55:
+        if c2st["p_value_better_than_chance"] >= 0.05:
             lines.append(
                 f"Realism: a 3D classifier could not reliably tell the sets apart "
-                f"(held-out accuracy {c2st['value']:.2f}, 95% CI {low:.2f}-{high:.2f}, {n} volumes)."
+                f"(held-out accuracy {c2st['value']:.2f}, 95% CI {low:.2f}-{high:.2f}, {n} volumes; "
+                f"p = {c2st['p_value_better_than_chance']:.2f} against chance)."
             )
         else:
             lines.append(
                 f"Realism: a 3D classifier tells synthetic from real {c2st['value']:.0%} of the time "
-                f"(95% CI {low:.2f}-{high:.2f}, {n} volumes; 50% would be indistinguishable). "
+                f"(95% CI {low:.2f}-{high:.2f}, {n} volumes, p = {c2st['p_value_better_than_chance']:.2g}; "
+                "50% would be indistinguishable). "
                 "See real_vs_synthetic.png and intensity_histograms.png for how they differ."
             )
     diversity = report["diversity_ms_ssim"]

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsynth.evaluate.stats import binomial_p_value_greater, headline, two_set_bootstrap, wilson_interval
+from medsynth.evaluate.stats import (
+    binomial_p_value_greater,
+    headline,
+    two_set_bootstrap,
+    two_set_subsample_interval,
+    wilson_interval,
+)
 
 
 def _classifier(channels: int = 8) -> nn.Module:
@@ -116,7 +122,7 @@ def kernel_mmd(real: np.ndarray, synthetic: np.ndarray, seed: int, permutations:
         index = np.concatenate([a, n + b])
         return _mmd2(kernel[np.ix_(index, index)], len(a))
 
-    interval = two_set_bootstrap(resampled, n, len(synthetic), rng, resamples=300)
+    interval = two_set_subsample_interval(resampled, observed, n, len(synthetic), rng)
     return headline(
         observed, interval, {"real": n, "synthetic": len(synthetic)}, permutation_p_value=p_value, bandwidth=bandwidth
     )
@@ -231,12 +237,16 @@ def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> d
         def statistic(a: np.ndarray, b: np.ndarray, name: str = name) -> float:
             return precision_recall_density_coverage(real_features[a], fake_features[b])[name]
 
-        out[name] = headline(
-            point[name], two_set_bootstrap(statistic, n["real"], n["synthetic"], rng, resamples=200), n, k=point["k"]
-        )
+        interval = two_set_subsample_interval(statistic, point[name], n["real"], n["synthetic"], rng, resamples=200)
+        out[name] = headline(point[name], interval, n, k=point["k"])
     fd = frechet_distance(real_features, fake_features)
-    interval = two_set_bootstrap(
-        lambda a, b: frechet_distance(real_features[a], fake_features[b]), n["real"], n["synthetic"], rng, resamples=200
+    interval = two_set_subsample_interval(
+        lambda a, b: frechet_distance(real_features[a], fake_features[b]),
+        fd,
+        n["real"],
+        n["synthetic"],
+        rng,
+        resamples=200,
     )
     out["frechet_distance"] = headline(
         fd, interval, n, note="in a fixed random 3D CNN's feature space (standardised); not the ImageNet FID"
