@@ -111,7 +111,7 @@ class _BoundedFile:
 def read_header(path: str) -> DicomHeader:
     """Parse one file's header. Raises SourceError (with `path` as name) for non-image DICOM."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     try:
         handle = _BoundedFile(path)
@@ -121,10 +121,35 @@ def read_header(path: str) -> DicomHeader:
             handle.close()
     except PermissionError:
         raise SourceError(path, "cannot read: permission denied") from None
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise SourceError(
-            path, f"not a readable DICOM file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
-        ) from None
+    except (InvalidDicomError, BytesLengthException, EOFError, OSError, *_CORRUPT_VALUE_ERRORS) as exc:
+        raise SourceError(path, f"not a readable DICOM file ({_first_line(exc)})") from None
+    try:
+        return _header_from_dataset(path, ds)
+    except (BytesLengthException, *_CORRUPT_VALUE_ERRORS) as exc:
+        # pydicom parses values lazily: a corrupt VR, length or value surfaces only when read.
+        raise SourceError(path, f"corrupt DICOM header ({_first_line(exc)})") from None
+
+
+# What pydicom raises for values it cannot decode (found by fuzzing real files: an unknown VR
+# raises NotImplementedError, a non-transfer-syntax UID raises ValueError on .is_compressed, a
+# length that is not a multiple of the value size raises BytesLengthException).
+_CORRUPT_VALUE_ERRORS = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    NotImplementedError,
+    OverflowError,
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:120] if text else type(exc).__name__
+
+
+def _header_from_dataset(path: str, ds) -> DicomHeader:
     if not has_dicom_magic(path) and "SOPClassUID" not in ds and "Rows" not in ds:
         raise SourceError(path, "not a DICOM file (no DICM marker and no image attributes)")
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", ""))
