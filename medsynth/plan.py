@@ -24,7 +24,7 @@ from medsynth.io import Volume
 from medsynth.io.volume import obliquity_degrees
 from medsynth.preprocess import PREPROCESS_VERSION, foreground_box, foreground_mask, reorient_to_ras
 
-FINGERPRINT_VERSION = 7
+FINGERPRINT_VERSION = 8
 PLAN_VERSION = 1
 
 _PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import zlib
 from pathlib import Path
 
@@ -28,6 +30,32 @@ def describe_error(exc: BaseException) -> str:
     return text[:200]
 
 
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _header_repairs():
+    """nibabel repairs invalid header fields ("qform_code 1024 not valid; setting to 0") and logs
+    the repair to stderr, without a file name. Collect those messages instead, so that they become
+    warnings on the source they belong to."""
+    from nibabel import imageglobals
+
+    logger = imageglobals.logger
+    collector = _Collector()
+    saved = logger.handlers[:]
+    logger.handlers = [collector]
+    try:
+        yield collector.messages
+    finally:
+        logger.handlers = saved
+
+
 def _load(path: Path):
     import nibabel as nib
 
@@ -42,7 +70,13 @@ def _load(path: Path):
 
 def probe(path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
     """Read only the header: the stored shape and any warnings about geometry."""
-    image = _load(path)
+    with _header_repairs() as repairs:
+        image = _load(path)
+        shape, warnings = _probe_image(image, path, name)
+    return shape, [f"header repaired: {message}" for message in dict.fromkeys(repairs)] + warnings
+
+
+def _probe_image(image, path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
     header = image.header
     dtype = header.get_data_dtype()
     if dtype.names is not None or dtype.kind == "c":
@@ -79,6 +113,11 @@ def geometry_warnings(image) -> list[str]:
 
 def read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Voxels as float32 (x, y, z) with scl_slope/scl_inter applied, and nibabel's RAS+ affine."""
+    with _header_repairs():  # already reported, as warnings, when the header was probed
+        return _read(path, name, frame)
+
+
+def _read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     image = _load(path)
     try:
         proxy = image.dataobj
