@@ -214,8 +214,9 @@ def verdict(report: dict[str, Any]) -> list[str]:
             )
         else:
             lines.append(
-                f"Diversity: comparable to the real set (mean pairwise MS-SSIM {synthetic:.3f} vs {real:.3f}; "
-                "lower is more diverse)."
+                f"Diversity: no sign of mode collapse; synthetic volumes are no more alike than real ones "
+                f"(mean pairwise MS-SSIM {synthetic:.3f} vs {real:.3f}). Noise lowers MS-SSIM too, so read this "
+                "beside the realism line."
             )
     memo = report.get("memorisation")
     if memo:

@@ -237,7 +237,10 @@ def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> d
         def statistic(a: np.ndarray, b: np.ndarray, name: str = name) -> float:
             return precision_recall_density_coverage(real_features[a], fake_features[b])[name]
 
-        interval = two_set_subsample_interval(statistic, point[name], n["real"], n["synthetic"], rng, resamples=200)
+        low, high = two_set_subsample_interval(statistic, point[name], n["real"], n["synthetic"], rng, resamples=200)
+        # Keep the interval inside what the metric can take: [0, 1], and density >= 0.
+        upper = float("inf") if name == "density" else 1.0
+        interval = (min(max(low, 0.0), upper), min(max(high, 0.0), upper))
         out[name] = headline(point[name], interval, n, k=point["k"])
     fd = frechet_distance(real_features, fake_features)
     interval = two_set_subsample_interval(
@@ -248,6 +251,7 @@ def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> d
         rng,
         resamples=200,
     )
+    interval = (max(interval[0], 0.0), interval[1])  # a distance
     out["frechet_distance"] = headline(
         fd, interval, n, note="in a fixed random 3D CNN's feature space (standardised); not the ImageNet FID"
     )
