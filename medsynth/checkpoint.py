@@ -121,6 +121,18 @@ def all_finite(*modules: torch.nn.Module) -> bool:
     return True
 
 
+def remove_interrupted_writes(folder: Path) -> int:
+    """Delete the temporary files of checkpoint writes a kill interrupted; returns how many.
+
+    Only for a run's own checkpoints folder, when its one writer (rank 0) starts: a killed job
+    leaves a checkpoint-sized temporary behind, and a job pre-empted many times would fill the disk."""
+    removed = 0
+    for temporary in folder.glob(".*.tmp"):
+        temporary.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def rotate_checkpoints(folder: Path, keep: int) -> None:
     """Keep the `keep` newest numbered checkpoints (step_*.pt); last.pt is never touched."""
     numbered = sorted(folder.glob("step_*.pt"))

@@ -32,6 +32,7 @@ from medsynth.checkpoint import (
     all_finite,
     load_checkpoint,
     publish_last,
+    remove_interrupted_writes,
     rotate_checkpoints,
     save_checkpoint,
 )
@@ -469,6 +470,8 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
                 handlers[signum] = signal.signal(signum, self._on_signal)
         try:
+            if self.runtime.is_main:
+                remove_interrupted_writes(self.run_dir / "checkpoints")
             if self.step == 0:
                 self.save_real_preview()
                 if self.runtime.is_main and not (self.run_dir / "checkpoints" / "last.pt").exists():

@@ -30,7 +30,7 @@ from medsynth.runs import train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = Runtime(device=torch.device("cpu"))
-STEPS = 40
+STEPS = 80
 # Checkpoint every step, so kills land inside checkpoint writes often, and every resume point
 # is a checkpoint step of the uninterrupted run too (the condition for bit-identical weights).
 TRAIN_ARGS = [
@@ -72,14 +72,14 @@ def weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {k: payload[k] for k in ("generator", "generator_ema", "discriminator")}
 
 
-def kill_at_random_moments(args, kills: int, seed: int, window: tuple[float, float], check) -> dict[str, int]:
-    """Start `medsynth args` and SIGKILL it `kills` times at uniform moments in `window` seconds;
-    `check()` runs after each kill. Returns counts of what happened."""
+def kill_at_random_moments(args, kills: int, seed: int, wait, check) -> dict[str, int]:
+    """Start `medsynth args` and SIGKILL it `kills` times, each after `wait(process, rng)`;
+    `check(counts)` runs after each kill. Returns counts of what happened."""
     rng = np.random.default_rng(seed)
     counts = {"kills": 0, "finished before the kill": 0}
     for _ in range(kills):
         process = medsynth(*args)
-        time.sleep(rng.uniform(*window))
+        wait(process, rng)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             counts["kills"] += 1
@@ -99,26 +99,52 @@ def test_training_killed_at_random_moments_resumes_to_the_same_weights(phantom_d
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     whole_run = time.perf_counter() - start
+    start = time.perf_counter()
+    process = medsynth("train", phantom_dir, "-o", tmp_path / "one-step", *TRAIN_ARGS, "--max-steps", "1")
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    start_up = time.perf_counter() - start  # imports, discovery, cache, model build, one step
+    training = max(whole_run - start_up, 0.5)
 
     run = tmp_path / "killed"
     steps_seen: list[int] = []
 
     def check(counts):
         folder = run / "checkpoints"
-        if any(p.name.endswith(".tmp") for p in folder.glob(".*")) if folder.exists() else False:
+        # The next start removes them, so any temporary seen now was left by this kill.
+        if folder.exists() and any(folder.glob(".*.tmp")):
             counts["kills inside a checkpoint write"] = counts.get("kills inside a checkpoint write", 0) + 1
         if (folder / "last.pt").exists():
             steps_seen.append(load_checkpoint(run)["step"])  # every checkpoint left behind loads
 
-    # From just after start-up to the end of an uninterrupted run: early kills land in start-up
-    # or preprocessing, late ones in training and checkpoint writes.
+    step_time = training / STEPS
+    metrics = run / "metrics.jsonl"
+
+    def steps_done() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    def wait(process, rng):
+        """A quarter of the kills land in start-up (imports, discovery, loading the checkpoint);
+        the rest 1-3 steps into training, at a random moment within a step, so that many fall
+        inside a checkpoint write. Waiting on progress, not the clock, keeps every kill inside the
+        run however fast or loaded the machine is."""
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.1, 0.9) * start_up)
+            return
+        target = steps_done() + int(rng.integers(1, 4))
+        deadline = time.perf_counter() + 10 * start_up + 100 * step_time
+        while steps_done() < target and process.poll() is None and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, step_time))
+
     counts = kill_at_random_moments(
-        ["train", phantom_dir, "-o", run, *TRAIN_ARGS], kills, seed=0, window=(0.3 * whole_run, whole_run), check=check
+        ["train", phantom_dir, "-o", run, *TRAIN_ARGS], kills, seed=0, wait=wait, check=check
     )
     final = medsynth("train", phantom_dir, "-o", run, *TRAIN_ARGS)
     _, err = final.communicate(timeout=600)
     assert final.returncode == 0, err[-3000:]
     assert load_checkpoint(run)["step"] == STEPS
+    assert not list((run / "checkpoints").glob(".*.tmp")), "interrupted writes were left on disk"
     assert steps_seen == sorted(steps_seen), "a resume went backwards"
     expected, actual = weights(reference), weights(run)
     for part in expected:
@@ -133,7 +159,7 @@ def test_training_killed_at_random_moments_resumes_to_the_same_weights(phantom_d
         "moments, then resumed by re-running the same command",
         kills,
         f"{counts['kills']} kills landed ({inside} left a checkpoint write unfinished), "
-        f"{counts['finished before the kill']} runs finished first; every left checkpoint loaded; "
+        f"{counts['finished before the kill']} finished before its kill; every left checkpoint loaded; "
         f"final step {STEPS} reached; weights bit-identical to an uninterrupted run",
     )
 
@@ -171,7 +197,7 @@ def test_sampling_killed_at_random_moments_completes_the_set_exactly(sample_chec
         ["sample", sample_checkpoint, "-n", count, "-o", out, "--device", "cpu"],
         kills,
         seed=1,
-        window=(0.3 * whole_run, whole_run),
+        wait=lambda process, rng: time.sleep(rng.uniform(0.3 * whole_run, whole_run)),
         check=check,
     )
     final = medsynth("sample", sample_checkpoint, "-n", count, "-o", out, "--device", "cpu")
