@@ -134,33 +134,25 @@ def run_evaluation(
         "slices": figures.slice_grid(list(real), list(synthetic), spacing, out_dir / "real_vs_synthetic.png"),
     }
     if "memorisation" in report:
-        closest = report["memorisation"]["closest"][:4]
-        paths["nearest_neighbours"] = figures.pairs(
-            [
+
+        def side_by_side(entries: list[dict], name: str, title: str) -> Path:
+            pairs = [
                 (
                     synthetic[c["synthetic"]],
                     train[c["train"]],
                     f"{c['synthetic_name']} ~ {c['train_name']}: NCC {c['ncc']:.3f}",
                 )
-                for c in closest
-            ],
-            spacing,
-            out_dir / "nearest_neighbours.png",
-            "The synthetic volumes closest to a training volume",
+                for c in entries
+            ]
+            return figures.pairs(pairs, spacing, out_dir / name, title)
+
+        closest = report["memorisation"]["closest"]
+        flagged = [c for c in closest if c["flagged"]]
+        paths["nearest_neighbours"] = side_by_side(
+            closest[:4], "nearest_neighbours.png", "The synthetic volumes closest to a training volume"
         )
-        flagged = [c for c in report["memorisation"]["closest"] if c["flagged"]]
-        paths["flagged_pairs"] = figures.pairs(
-            [
-                (
-                    synthetic[c["synthetic"]],
-                    train[c["train"]],
-                    f"{c['synthetic_name']} ~ {c['train_name']}: NCC {c['ncc']:.3f}",
-                )
-                for c in flagged
-            ],
-            spacing,
-            out_dir / "flagged_pairs.png",
-            f"Flagged as likely copies ({len(flagged)} shown)",
+        paths["flagged_pairs"] = side_by_side(
+            flagged, "flagged_pairs.png", f"Flagged as likely copies ({len(flagged)} shown)"
         )
     report["figures"] = {k: str(v) for k, v in paths.items()}
     report["verdict"] = verdict(report)

@@ -17,16 +17,17 @@ def bootstrap_interval(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap: `statistic(indices)` over `resamples` resamples of range(indices_size)."""
-    values = []
-    for _ in range(resamples):
-        sample = rng.integers(0, indices_size, indices_size)
-        value = statistic(sample)
-        if math.isfinite(value):
-            values.append(value)
-    if not values:
+    values = [statistic(rng.integers(0, indices_size, indices_size)) for _ in range(resamples)]
+    return _percentile_interval(values, level)
+
+
+def _percentile_interval(values: list[float], level: float) -> tuple[float, float]:
+    """The central `level` range of the finite values; NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
         return (float("nan"), float("nan"))
     alpha = (1 - level) / 2
-    low, high = np.quantile(values, [alpha, 1 - alpha])
+    low, high = np.quantile(finite, [alpha, 1 - alpha])
     return float(low), float(high)
 
 
@@ -39,16 +40,8 @@ def two_set_bootstrap(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Bootstrap interval for a statistic of two sets, resampling each set independently."""
-    values = []
-    for _ in range(resamples):
-        value = statistic(rng.integers(0, size_a, size_a), rng.integers(0, size_b, size_b))
-        if math.isfinite(value):
-            values.append(value)
-    if not values:
-        return (float("nan"), float("nan"))
-    alpha = (1 - level) / 2
-    low, high = np.quantile(values, [alpha, 1 - alpha])
-    return float(low), float(high)
+    values = [statistic(rng.integers(0, size_a, size_a), rng.integers(0, size_b, size_b)) for _ in range(resamples)]
+    return _percentile_interval(values, level)
 
 
 def two_set_subsample_interval(
