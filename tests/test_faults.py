@@ -299,6 +299,11 @@ def test_identifying_dicom_tags_never_reach_any_output(tmp_path, run_cli, monkey
     inputs_before = {p: _digest(p) for p in data.rglob("*") if p.is_file()}
     out = tmp_path / "outputs"
     monkeypatch.setenv("MEDSYNTH_CACHE", str(out / "cache"))
+    elsewhere = tmp_path / "working-directory"  # relative paths would land here
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    home = tmp_path / "home"  # and "~" here
+    monkeypatch.setenv("HOME", str(home))
     overrides = ["--set", "plan.target_shape=[16,16,16]"]
     steps = [
         ("inspect", data, "--json"),
@@ -321,7 +326,13 @@ def test_identifying_dicom_tags_never_reach_any_output(tmp_path, run_cli, monkey
         for needle in needles:
             assert needle not in blob, f"{needle!r} found in {path.relative_to(out)}"
     assert {p: _digest(p) for p in data.rglob("*") if p.is_file()} == inputs_before  # inputs untouched
-    assert all(out in p.resolve().parents for p in files)  # nothing written outside the chosen folders
+    # Nothing written outside the chosen folders: not beside the inputs, not in the working
+    # directory or the home folder.
+    # (matplotlib keeps its own font cache under ~, which holds no data of ours.)
+    assert not list(elsewhere.rglob("*")), [str(p) for p in elsewhere.rglob("*")]
+    allowed = (out, data, home / ".cache" / "matplotlib", home / ".config" / "matplotlib")
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and not any(a in p.parents for a in allowed)]
+    assert outside == [], outside
     record(
         "privacy",
         "identifiers in DICOM input",
@@ -329,5 +340,6 @@ def test_identifying_dicom_tags_never_reach_any_output(tmp_path, run_cli, monkey
         "through inspect, train, sample (NIfTI and DICOM) and evaluate; every byte written is searched",
         len(files),
         f"no identifying value in any of the {len(files)} files written (cache, checkpoints, logs, configs, "
-        "samples, sidecars, report); inputs byte-identical afterwards",
+        "samples, sidecars, report); inputs byte-identical afterwards; nothing written outside the chosen "
+        "folders (working directory and home checked; matplotlib's own font cache excepted)",
     )
