@@ -26,7 +26,7 @@ import torch
 from medsynth.checkpoint import save_checkpoint
 from medsynth.config import config_to_dict, load_config
 from medsynth.distributed import resolve_device
-from medsynth.io.writers import cast_for_storage
+from medsynth.io import cast_for_storage
 from medsynth.models import build_models
 from medsynth.sample import SampleRequest, generate, latent_for, run_sampling, to_real_units
 

@@ -100,7 +100,7 @@ def write_phantoms(
 ) -> list[Path]:
     """Write `count` phantoms as int16 NIfTI files. Odd subjects are stored LPS, as DICOM-derived
     files often are, so reorientation is exercised too."""
-    from medsynth.io import Volume, write_nifti
+    from medsynth.io import Volume, VolumeMeta, write_nifti
 
     folder = Path(folder)
     paths = []
@@ -111,7 +111,7 @@ def write_phantoms(
             flip[:2, 3] = [(shape[0] - 1), (shape[1] - 1)]
             array, affine = array[::-1, ::-1, :].copy(), affine @ flip
         path = folder / f"phantom_{i:03d}.nii.gz"
-        volume = Volume(array=array.astype(np.float32), affine=affine, meta={"modality": "CT"})
+        volume = Volume(array=array.astype(np.float32), affine=affine, meta=VolumeMeta(modality="CT"))
         write_nifti(volume, path, dtype="int16", description="medsynth procedural head phantom (synthetic)")
         paths.append(path)
     return paths

@@ -99,7 +99,7 @@ def test_gantry_tilt_is_kept_as_shear_and_reported(tmp_path):
     step = np.array([0.0, 2.0 * np.tan(tilt), 2.0])  # the table moves while the gantry is tilted
     write_dicom_series(tmp_path, ramp(), slice_step=step)
     source, volume = only_source(tmp_path)
-    assert any("gantry tilt" in w and "15.0°" in w for w in volume.meta["warnings"])
+    assert any("gantry tilt" in w and "15.0°" in w for w in volume.meta.warnings)
     np.testing.assert_allclose(volume.affine, expected_affine((1, 0, 0, 0, 1, 0), (1, 1), step, (0, 0, 0)), atol=1e-5)
 
 
@@ -251,7 +251,7 @@ def test_real_dicom_folder_finds_every_series_and_explains_the_rest(shared_data)
 def test_real_multiframe_without_geometry_loads_with_a_warning(shared_data):
     source, volume = only_source(shared_data / "dicom" / "single-files" / "emri_small_multiframe.dcm")
     assert volume.shape == (64, 64, 10)
-    assert any("world position is unknown" in w for w in volume.meta["warnings"])
+    assert any("world position is unknown" in w for w in volume.meta.warnings)
 
 
 @pytest.mark.realdata

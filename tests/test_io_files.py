@@ -33,7 +33,7 @@ def test_scl_slope_and_inter_are_applied(tmp_path):
     write_nifti(tmp_path / "scaled.nii.gz", stored, dtype=np.int16, slope=0.5, inter=-100.0)
     volume = read_volume(discover_sources(tmp_path).sources[0])
     np.testing.assert_allclose(volume.array, stored * 0.5 - 100.0)
-    assert volume.meta["stored_dtype"] == "int16"
+    assert volume.meta.stored_dtype == "int16"
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
@@ -91,7 +91,7 @@ def test_nibabel_fallback_to_simpleitk(tmp_path, monkeypatch):
     volume = read_volume(source)
     assert source.kind == "itk"
     np.testing.assert_allclose(volume.affine, oblique_affine(), atol=1e-4)
-    assert any("nibabel cannot" in w for w in volume.meta["warnings"])
+    assert any("nibabel cannot" in w for w in volume.meta.warnings)
 
 
 @pytest.mark.realdata
@@ -105,7 +105,7 @@ def test_real_files_simpleitk_refuses_load_through_nibabel(shared_data):
         volume = read_volume(source)
         assert np.isfinite(volume.array).all()
     sheared = read_volume(next(s for s in found.sources if s.name == "S0_10slices.nii.gz"))
-    assert any("not orthogonal" in w for w in sheared.meta["warnings"])
+    assert any("not orthogonal" in w for w in sheared.meta.warnings)
 
 
 @pytest.mark.realdata

@@ -1,4 +1,5 @@
-"""Shape and value checks shared by every reader, so all formats reject the same things the same way."""
+"""Shape and value checks shared by every reader, so all formats reject the same things the same way,
+and the kinds of `SourceError` on which discovery decides what to do next."""
 
 from __future__ import annotations
 
@@ -13,6 +14,29 @@ MAX_FRAME_VOXELS = 2**30
 # Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds at most ~1032 n.
 # A header declaring more than that is lying (or the file is truncated): refuse before reading.
 MAX_DEFLATE_RATIO = 1032
+
+
+class FinalSourceError(SourceError):
+    """A refusal that no other reader could overturn, so discovery does not try its fallback
+    reader: the reason stands as given."""
+
+
+class UnsupportedContentError(FinalSourceError):
+    """The file was understood, and holds what medsynth does not use: colour, complex or vector voxels."""
+
+
+class AccessDeniedError(FinalSourceError):
+    """The file cannot be opened: permission denied. Another reader would be refused the same way."""
+
+
+class DeclaredSizeError(FinalSourceError):
+    """The header's declared size is impossible. Final: no other reader may try the file, since
+    SimpleITK, for one, zero-fills what is missing from a truncated file."""
+
+
+class IndexFileError(SourceError):
+    """A DICOMDIR: an index of other files that holds no image itself. Discovery passes over it
+    without listing it as a problem, as it does files named DICOMDIR."""
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -68,11 +92,6 @@ def check_affine(name: str, affine: np.ndarray) -> None:
         raise SourceError(name, "the voxel-to-world affine contains NaN or Inf")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise SourceError(name, "the voxel-to-world affine is singular (a zero voxel size or collapsed axes)")
-
-
-class DeclaredSizeError(SourceError):
-    """The header's declared size is impossible. Final: no other reader may try the file, since
-    SimpleITK, for one, zero-fills what is missing from a truncated file."""
 
 
 def check_declared_size(

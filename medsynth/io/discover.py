@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medsynth.config import IoConfig
 from medsynth.io import dicom, itk, nifti
-from medsynth.io.checks import DeclaredSizeError, frame_count
+from medsynth.io.checks import FinalSourceError, IndexFileError, frame_count
 from medsynth.io.sources import Discovery, Skipped, Source
 from medsynth.io.volume import SourceError
 
@@ -95,16 +95,17 @@ def _probe_file(path: str, name: str, kind: str) -> tuple[str, tuple[int, ...], 
     """Read a header with the format's primary reader, falling back to the other one.
 
     nibabel reads NIfTI files SimpleITK refuses (NIfTI-2, non-orthonormal affines); SimpleITK reads
-    some files nibabel refuses. Returns the kind that worked ("nifti" = nibabel, "itk" = SimpleITK).
+    some files nibabel refuses. A `FinalSourceError` ends the search with its own reason. Returns
+    the kind that worked ("nifti" = nibabel, "itk" = SimpleITK).
     """
     readers = [("nifti", nifti.probe), ("itk", itk.probe)] if kind == "nifti" else [("itk", itk.probe)]
     first_error: SourceError | None = None
     for reader_kind, probe in readers:
         try:
             shape, warnings = probe(Path(path), name)
+        except FinalSourceError as exc:
+            raise type(exc)(name, exc.reason) from None
         except SourceError as exc:
-            if isinstance(exc, DeclaredSizeError) or "not supported" in exc.reason or "permission denied" in exc.reason:
-                raise SourceError(name, exc.reason) from None
             first_error = first_error or exc
             continue
         if first_error is not None:
@@ -167,9 +168,9 @@ def discover_sources(root: str | Path, io: IoConfig | None = None) -> Discovery:
                 dicom_headers.append(dicom.read_header(path))
             else:
                 other[suffix or "(no extension)"] += 1
+        except IndexFileError:
+            continue
         except SourceError as exc:
-            if "DICOMDIR" in exc.reason:
-                continue
             found.skipped.append(Skipped(name if exc.name == path else exc.name, exc.reason))
     series_sources, series_skipped = dicom.sources_from_headers(base, dicom_headers, io)
     found.sources += series_sources

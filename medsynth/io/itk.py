@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medsynth.io.checks import check_declared_size
-from medsynth.io.volume import LPS_TO_RAS, SourceError
+from medsynth.errors import one_line_reason
+from medsynth.io.checks import UnsupportedContentError, check_declared_size
+from medsynth.io.volume import LPS_TO_RAS, SourceError, VolumeMeta
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _itk_reason(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # SimpleITK errors are multi-line with file/line noise; the last line carries the message.
-    text = lines[-1] if lines else type(exc).__name__
+    text = one_line_reason(exc, limit=None, last=True)
     for noise in ("sitk::ERROR:", "ITK ERROR:"):
         text = text.replace(noise, "").strip()
     return text[:200]
@@ -54,7 +54,9 @@ def probe(path: Path, name: str) -> tuple[tuple[int, ...], list[str]]:
     except RuntimeError as exc:
         raise SourceError(name, f"SimpleITK cannot read it ({_itk_reason(exc)})") from None
     if reader.GetNumberOfComponents() > 1:
-        raise SourceError(name, f"{reader.GetNumberOfComponents()}-component (RGB or vector) pixels are not supported")
+        raise UnsupportedContentError(
+            name, f"{reader.GetNumberOfComponents()}-component (RGB or vector) pixels are not supported"
+        )
     shape = tuple(int(n) for n in reader.GetSize())
     check_declared_size(name, shape, itemsize=4)  # formats differ in where voxels live: count only
     return shape, []
@@ -74,7 +76,7 @@ def image_to_volume_parts(image, frame: int | None = None) -> tuple[np.ndarray, 
     return array, affine
 
 
-def read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
+def read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     import SimpleITK as sitk
 
     try:
@@ -82,16 +84,11 @@ def read(path: Path, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarr
     except RuntimeError as exc:
         raise SourceError(name, f"SimpleITK cannot read it ({_itk_reason(exc)})") from None
     if image.GetNumberOfComponentsPerPixel() > 1:
-        raise SourceError(name, "multi-component (RGB or vector) pixels are not supported")
+        raise UnsupportedContentError(name, "multi-component (RGB or vector) pixels are not supported")
     stored = str(sitk.GetArrayViewFromImage(image).dtype)  # a view: only its dtype is read
     try:
         array, affine = image_to_volume_parts(image, frame)
     except ValueError as exc:
         raise SourceError(name, str(exc)) from None
-    meta = {
-        "reader": "SimpleITK",
-        "format": Path(path).suffix.lstrip(".").upper(),
-        "stored_dtype": stored,
-        "warnings": [],
-    }
+    meta = VolumeMeta(reader="SimpleITK", format=Path(path).suffix.lstrip(".").upper(), stored_dtype=stored)
     return array, affine, meta

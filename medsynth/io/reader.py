@@ -24,10 +24,10 @@ def read_volume(source: Source) -> Volume:
         # failure reading voxels is real damage (SimpleITK, for one, zero-fills truncated .gz data).
         read = nifti.read if source.kind == "nifti" else itk.read
         array, affine, meta = read(Path(source.paths[0]), source.name, source.frame)
-        meta["warnings"] = list(dict.fromkeys(list(source.warnings) + meta["warnings"]))
+        meta.warnings = list(dict.fromkeys(list(source.warnings) + meta.warnings))
     if array.ndim != 3:
         raise SourceError(source.name, f"expected a 3D volume after frame selection, got shape {array.shape}")
     check_finite(source.name, array)
     check_affine(source.name, affine)
-    meta["source"] = source.name
+    meta.source = source.name
     return Volume(array=array, affine=affine, meta=meta)

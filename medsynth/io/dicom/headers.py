@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsynth.io.checks import check_declared_size
+from medsynth.errors import one_line_reason
+from medsynth.io.checks import AccessDeniedError, IndexFileError, check_declared_size
 from medsynth.io.volume import SourceError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -120,14 +121,14 @@ def read_header(path: str) -> DicomHeader:
         finally:
             handle.close()
     except PermissionError:
-        raise SourceError(path, "cannot read: permission denied") from None
+        raise AccessDeniedError(path, "cannot read: permission denied") from None
     except (InvalidDicomError, BytesLengthException, EOFError, OSError, *_CORRUPT_VALUE_ERRORS) as exc:
-        raise SourceError(path, f"not a readable DICOM file ({_first_line(exc)})") from None
+        raise SourceError(path, f"not a readable DICOM file ({one_line_reason(exc, 120)})") from None
     try:
         return _header_from_dataset(path, ds)
     except (BytesLengthException, *_CORRUPT_VALUE_ERRORS) as exc:
         # pydicom parses values lazily: a corrupt VR, length or value surfaces only when read.
-        raise SourceError(path, f"corrupt DICOM header ({_first_line(exc)})") from None
+        raise SourceError(path, f"corrupt DICOM header ({one_line_reason(exc, 120)})") from None
 
 
 # What pydicom raises for values it cannot decode, found by fuzzing real files: an unknown VR
@@ -144,17 +145,12 @@ _CORRUPT_VALUE_ERRORS = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:120] if text else type(exc).__name__
-
-
 def _header_from_dataset(path: str, ds) -> DicomHeader:
     if not has_dicom_magic(path) and "SOPClassUID" not in ds and "Rows" not in ds:
         raise SourceError(path, "not a DICOM file (no DICM marker and no image attributes)")
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", ""))
     if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-        raise SourceError(path, "DICOMDIR index file, not an image")
+        raise IndexFileError(path, "DICOMDIR index file, not an image")
     if "Rows" not in ds or "Columns" not in ds:
         kind = getattr(ds.get("SOPClassUID"), "name", None) or "no pixel data"
         raise SourceError(path, f"DICOM object without an image ({kind})")

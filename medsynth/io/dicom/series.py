@@ -1,10 +1,10 @@
-"""DICOM: group files into series, check that they form a volume, work out its geometry, read it.
+"""DICOM series: group headers into series, check that each forms a volume, read its pixels.
 
-Headers are parsed with pydicom (it exposes the functional-group sequences of enhanced multi-frame
-files); pixels are decoded with SimpleITK/GDCM, which handles the compressed transfer syntaxes
-(JPEG, JPEG-LS, JPEG 2000, RLE) without optional plugins and applies each file's rescale
-slope/intercept. The geometry is computed here from ImagePositionPatient/ImageOrientationPatient of
-every slice, never from the first two slices only, so that gaps, tilt and mixed series are caught
+Headers are parsed with pydicom (`headers`: it exposes the functional-group sequences of enhanced
+multi-frame files); pixels are decoded with SimpleITK/GDCM, which handles the compressed transfer
+syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) without optional plugins and applies each file's rescale
+slope/intercept. The geometry (`geometry`) is computed from ImagePositionPatient/ImageOrientationPatient
+of every slice, never from the first two slices only, so that gaps, tilt and mixed series are caught
 instead of silently producing a wrong affine.
 """
 
@@ -16,12 +16,14 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from medsynth.config import IoConfig
-from medsynth.io.dicom_geometry import stack_geometry
-from medsynth.io.dicom_headers import DICOM_SUFFIXES, DicomHeader, has_dicom_magic, read_header
+from medsynth.errors import one_line_reason
+from medsynth.io.checks import UnsupportedContentError
+from medsynth.io.dicom.geometry import stack_geometry
+from medsynth.io.dicom.headers import DicomHeader
 from medsynth.io.sources import DicomLayout, Skipped, Source
-from medsynth.io.volume import LPS_TO_RAS, SourceError
+from medsynth.io.volume import LPS_TO_RAS, SourceError, VolumeMeta
 
-__all__ = ["DICOM_SUFFIXES", "has_dicom_magic", "read", "read_header", "sources_from_headers"]
+__all__ = ["read", "series_name", "sources_from_headers"]
 
 # Modalities whose multi-frame files are stacks of slices. Others (US, XA, RF, ES...) are cine
 # loops whose frames are time, and reading them as a volume would be wrong.
@@ -55,7 +57,7 @@ def _common_dtype(dtypes: list[str]) -> str:
 
 def _check_pixels(name: str, header: DicomHeader) -> None:
     if header.samples_per_pixel != 1 or not header.photometric.startswith("MONOCHROME"):
-        raise SourceError(name, f"colour images ({header.photometric}) are not supported")
+        raise UnsupportedContentError(name, f"colour images ({header.photometric}) are not supported")
 
 
 def _series_sources(name: str, headers: list[DicomHeader], io: IoConfig) -> tuple[list[Source], list[str]]:
@@ -279,14 +281,11 @@ def _read_file_float(path: str):
 
     try:
         return sitk.ReadImage(path, sitk.sitkFloat32)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise SourceError(
-            path, f"pixel data cannot be decoded ({lines[-1][:160] if lines else 'unknown error'})"
-        ) from None
+    except RuntimeError as exc:  # GDCM's message is on the last line, after SimpleITK's file/line noise
+        raise SourceError(path, f"pixel data cannot be decoded ({one_line_reason(exc, 160, last=True)})") from None
 
 
-def read(source: Source) -> tuple[np.ndarray, np.ndarray, dict]:
+def read(source: Source) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     """Voxels (x, y, z) float32 in real units (rescale applied) and the header-derived RAS+ affine."""
     import SimpleITK as sitk
 
@@ -313,12 +312,12 @@ def read(source: Source) -> tuple[np.ndarray, np.ndarray, dict]:
                 array[:, :, z] = stored * slope + intercept
     if array.shape != layout.shape:
         raise SourceError(source.name, f"decoded shape {array.shape} differs from the headers' {layout.shape}")
-    meta = {
-        "reader": "pydicom+SimpleITK",
-        "format": "DICOM",
-        "modality": layout.modality,
-        "stored_dtype": layout.stored_dtype,
-        "n_files": len(source.paths),
-        "warnings": list(source.warnings),
-    }
+    meta = VolumeMeta(
+        reader="pydicom+SimpleITK",
+        format="DICOM",
+        modality=layout.modality,
+        stored_dtype=layout.stored_dtype,
+        n_files=len(source.paths),
+        warnings=list(source.warnings),
+    )
     return np.asarray(array, dtype=np.float32), np.asarray(layout.affine, dtype=np.float64), meta
