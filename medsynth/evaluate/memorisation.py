@@ -30,8 +30,11 @@ def _pairs(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     return all_pairs
 
 
-def diversity(real: torch.Tensor, synthetic: torch.Tensor, seed: int, max_pairs: int = 300) -> dict[str, Any]:
-    """Mean pairwise MS-SSIM within each set (higher = more alike = less diverse)."""
+def diversity(
+    real: torch.Tensor, synthetic: torch.Tensor, seed: int, max_pairs: int = 300, resamples: int = 1000
+) -> dict[str, Any]:
+    """Mean pairwise MS-SSIM within each set (higher = more alike = less diverse), over at most
+    `max_pairs` random pairs per set, with a bootstrap interval from `resamples` draws."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for name, volumes in (("real", real), ("synthetic", synthetic)):
@@ -40,7 +43,9 @@ def diversity(real: torch.Tensor, synthetic: torch.Tensor, seed: int, max_pairs:
             continue
         pairs = _pairs(len(volumes), max_pairs, rng)
         scores = pairwise_ms_ssim(volumes, pairs)
-        interval = bootstrap_interval(lambda index, scores=scores: float(scores[index].mean()), len(scores), rng)
+        interval = bootstrap_interval(
+            lambda index, scores=scores: float(scores[index].mean()), len(scores), rng, resamples=resamples
+        )
         out[name] = headline(float(scores.mean()), interval, {"volumes": len(volumes), "pairs": len(pairs)})
     warning = None
     if out["real"] and out["synthetic"]:
@@ -63,8 +68,10 @@ def memorisation(
     seed: int,
     max_shift: int = 2,
     quantile: float = 0.99,
+    resamples: int = 500,
 ) -> dict[str, Any]:
-    """Nearest-training similarity of synthetic vs held-out real volumes; flags likely copies."""
+    """Nearest-training similarity of synthetic vs held-out real volumes; flags likely copies. The
+    data-copying z gets a bootstrap interval from `resamples` draws."""
     rng = np.random.default_rng(seed)
     synthetic_ncc = max_shifted_ncc(synthetic, train, max_shift)  # (S, T)
     held_out_ncc = max_shifted_ncc(held_out, train, max_shift)  # (H, T)
@@ -88,7 +95,7 @@ def memorisation(
             lambda index: mann_whitney_z(1 - synthetic_best[index], 1 - held_out_best),
             len(synthetic_best),
             rng,
-            resamples=500,
+            resamples=resamples,
         ),
         n,
         p_value_copying=normal_cdf(z),

@@ -47,7 +47,8 @@ def classifier_two_sample_test(
     """Held-out accuracy of a 3D CNN telling the sets apart; (N, 1, x, y, z) inputs.
 
     The larger set is subsampled so both classes are equal, and chance is 0.5. Every volume is
-    predicted once, by the model of the fold that did not train on it.
+    predicted once, by the model of the fold that did not train on it. One model is trained per
+    fold, for `epochs` epochs: the cost is about folds x epochs.
     """
     rng = np.random.default_rng(seed)
     n = min(len(real), len(synthetic))
@@ -84,6 +85,7 @@ def classifier_two_sample_test(
         chance=0.5,
         p_value_better_than_chance=binomial_p_value_greater(correct, trials),
         folds=folds,
+        epochs=epochs,
         note="held-out accuracy of a 3D CNN told to separate the sets; 0.5 means indistinguishable",
     )
 
@@ -102,8 +104,11 @@ def _mmd2(kernel: np.ndarray, n: int) -> float:
     return float(term_x + term_y - 2 * kxy.mean())
 
 
-def kernel_mmd(real: np.ndarray, synthetic: np.ndarray, seed: int, permutations: int = 1000) -> dict[str, Any]:
-    """Unbiased MMD² with a Gaussian kernel (median-distance bandwidth) and a permutation p-value."""
+def kernel_mmd(
+    real: np.ndarray, synthetic: np.ndarray, seed: int, permutations: int = 1000, resamples: int = 300
+) -> dict[str, Any]:
+    """Unbiased MMD² with a Gaussian kernel (median-distance bandwidth) and a permutation p-value
+    (never below 1 / (permutations + 1)); the interval from `resamples` half-set subsamples."""
     rng = np.random.default_rng(seed)
     joint = np.concatenate([real, synthetic]).astype(np.float64)
     n = len(real)
@@ -122,9 +127,14 @@ def kernel_mmd(real: np.ndarray, synthetic: np.ndarray, seed: int, permutations:
         index = np.concatenate([a, n + b])
         return _mmd2(kernel[np.ix_(index, index)], len(a))
 
-    interval = two_set_subsample_interval(resampled, observed, n, len(synthetic), rng)
+    interval = two_set_subsample_interval(resampled, observed, n, len(synthetic), rng, resamples=resamples)
     return headline(
-        observed, interval, {"real": n, "synthetic": len(synthetic)}, permutation_p_value=p_value, bandwidth=bandwidth
+        observed,
+        interval,
+        {"real": n, "synthetic": len(synthetic)},
+        permutation_p_value=p_value,
+        permutations=permutations,
+        bandwidth=bandwidth,
     )
 
 
@@ -133,10 +143,16 @@ def _quantiles(values: np.ndarray, count: int = 1000) -> np.ndarray:
 
 
 def intensity_wasserstein(
-    real: list[np.ndarray], synthetic: list[np.ndarray], threshold: float, seed: int, scale: float = 1.0
+    real: list[np.ndarray],
+    synthetic: list[np.ndarray],
+    threshold: float,
+    seed: int,
+    scale: float = 1.0,
+    resamples: int = 300,
 ) -> dict[str, Any]:
     """W1 between the pooled foreground intensities (voxels above `threshold`) of the two sets,
-    computed from 1000 quantiles; `scale` converts [-1, 1] units to the scan's units."""
+    computed from 1000 quantiles; `scale` converts [-1, 1] units to the scan's units. The interval
+    is a bootstrap over volumes with `resamples` draws."""
     rng = np.random.default_rng(seed)
     real_q = np.stack(
         [_quantiles(v[v > threshold]) if (v > threshold).any() else np.full(1000, threshold) for v in real]
@@ -151,7 +167,7 @@ def intensity_wasserstein(
         return float(np.mean(np.abs(_quantiles(real_q[a].ravel()) - _quantiles(syn_q[b].ravel()))))
 
     value = w1(np.arange(len(real)), np.arange(len(synthetic)))
-    interval = two_set_bootstrap(w1, len(real), len(synthetic), rng, resamples=300)
+    interval = two_set_bootstrap(w1, len(real), len(synthetic), rng, resamples=resamples)
     return headline(
         value * scale,
         (interval[0] * scale, interval[1] * scale),
@@ -223,7 +239,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
 
 
-def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> dict[str, Any]:
+def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int, resamples: int = 200) -> dict[str, Any]:
+    """Precision, recall, density, coverage and the Fréchet distance in random-CNN feature space,
+    each with a subsampling interval from `resamples` half-set draws."""
     rng = np.random.default_rng(seed)
     real_features, fake_features = embed(real, seed), embed(synthetic, seed)
     # Standardise with the real set's statistics so that no feature dominates the distances.
@@ -237,7 +255,9 @@ def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> d
         def statistic(a: np.ndarray, b: np.ndarray, name: str = name) -> float:
             return precision_recall_density_coverage(real_features[a], fake_features[b])[name]
 
-        low, high = two_set_subsample_interval(statistic, point[name], n["real"], n["synthetic"], rng, resamples=200)
+        low, high = two_set_subsample_interval(
+            statistic, point[name], n["real"], n["synthetic"], rng, resamples=resamples
+        )
         # Keep the interval inside what the metric can take: [0, 1], and density >= 0.
         upper = float("inf") if name == "density" else 1.0
         interval = (min(max(low, 0.0), upper), min(max(high, 0.0), upper))
@@ -249,7 +269,7 @@ def feature_metrics(real: torch.Tensor, synthetic: torch.Tensor, seed: int) -> d
         n["real"],
         n["synthetic"],
         rng,
-        resamples=200,
+        resamples=resamples,
     )
     interval = (max(interval[0], 0.0), interval[1])  # a distance
     out["frechet_distance"] = headline(
