@@ -1,13 +1,20 @@
 """The `medsynth` command. Commands only parse arguments and call library functions.
 
 Heavy modules (torch, nibabel, SimpleITK) are imported inside commands, so `medsynth --help`
-answers at once. Exit codes: 0 ok, 1 failure, 2 usage error.
+answers at once. Typer checks what it can before a command runs (paths that must exist, closed
+sets of choices, counts): those are usage errors, exit 2. Every other expected failure is a
+`medsynth.errors.MedsynthError`, caught in one place, `main()`, and shown as one line with its
+exit code: 0 ok, 1 failure, 2 usage error, 128+N stopped by signal N.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -43,12 +50,24 @@ CONFIG_HELP = "YAML config file (see configs/). Settings: defaults < this file <
 SET_HELP = "Override one setting, e.g. --set plan.target_shape=[128,128,64]. Repeatable."
 
 
-class Failure(Exception):
-    """A failure already explained to the user; carries the exit code."""
+class OutputFormat(str, enum.Enum):
+    """What `sample` writes (mirrors medsynth.sample.FORMATS, which --help must not import)."""
 
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+    nifti = "nifti"
+    dicom = "dicom"
+
+
+class DemoSize(str, enum.Enum):
+    """Volume sides the demo is tuned for."""
+
+    small = "16"
+    medium = "32"
+    large = "64"
+
+
+# Existence checks that Typer makes before the command runs (a usage error, exit 2).
+EXISTING = {"exists": True, "resolve_path": False}
+EXISTING_FILE = {"exists": True, "dir_okay": False}
 
 
 def _load_config(config_path: Path | None, overrides: list[str]):
@@ -65,11 +84,15 @@ def _load_config(config_path: Path | None, overrides: list[str]):
     )
 )
 def inspect(
-    scan_dir: Path = typer.Argument(..., help="Folder of NIfTI files, DICOM series (any layout) or NRRD/MHA files."),
-    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    scan_dir: Path = typer.Argument(
+        ..., help="Folder of NIfTI files, DICOM series (any layout) or NRRD/MHA files.", **EXISTING
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    save_plan: Path | None = typer.Option(None, "--save-plan", help="Also write the plan to this JSON file."),
+    save_plan: Path | None = typer.Option(
+        None, "--save-plan", help="Also write the plan to this JSON file (for `train --plan`).", dir_okay=False
+    ),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Cache folder (default: $MEDSYNTH_CACHE or ~/.cache/medsynth)."
     ),
@@ -81,8 +104,6 @@ def inspect(
     from medsynth.plan import Plan, PlanError
 
     settings = _load_config(config, set_)
-    if not scan_dir.exists():
-        raise Failure(f"{scan_dir}: no such file or folder", code=2)
     try:
         with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
             report = inspect_folder(scan_dir, settings, cache_dir, progress)
@@ -94,7 +115,7 @@ def inspect(
             console.print_json({"root": str(scan_dir), "sources": [], "skipped": problems, "error": str(exc)})
         elif problems:
             console.out.print(skipped_table(problems, f"{len(problems)} skipped"))
-        raise Failure(str(exc)) from None
+        raise
     if save_plan:
         Plan.from_dict(report["plan"]).save(save_plan)
     if json_output:
@@ -110,23 +131,33 @@ def inspect(
         "Examples:\n\n"
         "  medsynth train ~/scans/brains -o runs/brains --config configs/brain-mri-64.yaml\n\n"
         "  medsynth train ~/scans/brains -o runs/brains --max-steps 20000   # resume, and train longer\n\n"
+        "  medsynth inspect ~/scans/brains --save-plan plan.json   # edit it, then:\n\n"
+        "  medsynth train ~/scans/brains -o runs/brains --plan plan.json\n\n"
         "  torchrun --nproc_per_node 4 -m medsynth train ~/scans/ct -o runs/ct --config configs/ct-128.yaml"
     )
 )
 def train(
-    scan_dir: Path = typer.Argument(..., help="Folder of training scans (NIfTI, DICOM series, NRRD, MHA)."),
+    scan_dir: Path = typer.Argument(..., help="Folder of training scans (NIfTI, DICOM series, NRRD, MHA).", **EXISTING),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Run folder. If it holds a checkpoint, training resumes from it."
+        ..., "--output", "-o", help="Run folder. If it holds a checkpoint, training resumes from it.", file_okay=False
     ),
-    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
+    plan_file: Path | None = typer.Option(
+        None,
+        "--plan",
+        help="Train with this plan (from `inspect --save-plan`) instead of deriving one. A resumed run keeps its own.",
+        **EXISTING_FILE,
+    ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(
         False, "--force", help="Start over in a run folder that holds a run with other settings."
     ),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Generator updates to train to (train.max_steps)."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Generator updates to train to (train.max_steps)."
+    ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Volumes per update per process (train.batch_size)."
+        None, "--batch-size", min=1, help="Volumes per update per process (train.batch_size)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for everything (seed)."),
     dry_run: bool = typer.Option(
@@ -136,6 +167,7 @@ def train(
     """Train the 3D DCGAN on a folder of scans. Resumes automatically; SIGINT/SIGTERM/SIGUSR1 checkpoint and stop (exit 128+signal)."""
     from medsynth import console
     from medsynth.config import replace
+    from medsynth.plan import Plan
 
     settings = _load_config(config, set_)
     flags = {
@@ -145,52 +177,48 @@ def train(
         settings = replace(settings, train=replace(settings.train, **flags))
     if seed is not None:
         settings = replace(settings, seed=seed)
-    if not scan_dir.exists():
-        raise Failure(f"{scan_dir}: no such file or folder", code=2)
+    plan = Plan.load(plan_file) if plan_file else None
     if dry_run:
-        _dry_run(scan_dir, settings)
+        _dry_run(scan_dir, settings, plan)
         return
 
-    from medsynth import distributed
-    from medsynth.checkpoint import CheckpointError
-    from medsynth.plan import PlanError
-    from medsynth.runs import RunRefused, train_run
-    from medsynth.train import TrainingStopped
+    from medsynth.runs import train_run
 
-    try:
-        runtime = distributed.setup(settings.train.device)
-    except ValueError as exc:
-        raise Failure(str(exc), code=2) from None
-    try:
-        with (
-            console.progress_reporter() as progress,
-            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
-        ):
-            result = train_run(
-                scan_dir,
-                output,
-                settings,
-                runtime,
-                force=force,
-                progress=progress,
-                on_step=display,
-                on_message=console.info,
-            )
-    except RunRefused as exc:
-        raise Failure(str(exc), code=2) from None
-    except (PlanError, CheckpointError) as exc:
-        raise Failure(str(exc)) from None
-    except TrainingStopped as exc:
-        if runtime.is_main:
-            console.warn(str(exc))
-        raise typer.Exit(exc.exit_code) from None
-    finally:
-        distributed.teardown(runtime)
+    with _training_session(settings) as (runtime, progress, display):
+        result = train_run(
+            scan_dir,
+            output,
+            settings,
+            runtime,
+            force=force,
+            progress=progress,
+            on_step=display,
+            on_event=display.event,
+            on_message=console.info,
+            plan=plan,
+        )
     if runtime.is_main:
         console.info(
             f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
             f"metrics in {output / 'metrics.jsonl'}"
         )
+
+
+@contextlib.contextmanager
+def _training_session(settings) -> Iterator:
+    """What train and demo share: the process group (torchrun) or device, the progress bar and
+    the training display, torn down however the run ends."""
+    from medsynth import console, distributed
+
+    runtime = distributed.setup(settings.train.device)
+    try:
+        with (
+            console.progress_reporter() as progress,
+            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
+        ):
+            yield runtime, progress, display
+    finally:
+        distributed.teardown(runtime)
 
 
 @app.command(
@@ -203,17 +231,19 @@ def train(
 )
 def sample(
     source: Path = typer.Argument(..., help="A run folder (its checkpoints/last.pt) or a checkpoint file."),
-    count: int = typer.Option(..., "-n", "--count", help="How many volumes in the whole set (all shards together)."),
+    count: int = typer.Option(
+        ..., "-n", "--count", min=1, help="How many volumes in the whole set (all shards together)."
+    ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Folder for the volumes, their JSON sidecars and manifest.json."
+        ..., "--output", "-o", help="Folder for the volumes, their JSON sidecars and manifest.json.", file_okay=False
     ),
     seed: int = typer.Option(0, "--seed", help="Base seed: sample i uses a seed derived from (seed, i)."),
     batch_size: int = typer.Option(
-        8, "--batch-size", help="Volumes generated at a time (memory); the voxels do not depend on it."
+        8, "--batch-size", min=1, help="Volumes generated at a time (memory); the voxels do not depend on it."
     ),
     device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
-    file_format: str = typer.Option(
-        "nifti", "--format", help="nifti (.nii.gz files) or dicom (a series folder per sample)."
+    file_format: OutputFormat = typer.Option(
+        OutputFormat.nifti, "--format", help="nifti (.nii.gz files) or dicom (a series folder per sample)."
     ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/k: make only every k-th sample, from i (cluster array jobs)."
@@ -225,30 +255,23 @@ def sample(
 ) -> None:
     """Write synthetic volumes in real units and real geometry, with a provenance sidecar each."""
     from medsynth import console
-    from medsynth.checkpoint import CheckpointError
     from medsynth.distributed import resolve_device
-    from medsynth.sample import SampleError, SampleRequest, Shard, run_sampling
+    from medsynth.sample import SampleRequest, Shard, run_sampling
 
-    try:
-        request = SampleRequest(
-            checkpoint=source,
-            count=count,
-            out_dir=output,
-            seed=seed,
-            batch_size=batch_size,
-            device=resolve_device(device),
-            file_format=file_format,
-            shard=Shard.parse(shard),
-            force=force,
-            preview=preview,
-        )
-    except (SampleError, ValueError) as exc:
-        raise Failure(str(exc), code=2) from None
-    try:
-        with console.progress_reporter() as progress:
-            summary = run_sampling(request, progress=progress)
-    except (SampleError, CheckpointError) as exc:
-        raise Failure(str(exc)) from None
+    request = SampleRequest(
+        checkpoint=source,
+        count=count,
+        out_dir=output,
+        seed=seed,
+        batch_size=batch_size,
+        device=resolve_device(device),
+        file_format=file_format.value,
+        shard=Shard.parse(shard),
+        force=force,
+        preview=preview,
+    )
+    with console.progress_reporter() as progress:
+        summary = run_sampling(request, progress=progress)
     message = (
         f"{summary['written']} written, {summary['skipped']} already there, in {summary['out_dir']} (manifest.json)"
     )
@@ -259,46 +282,39 @@ def sample(
 
 @app.command(epilog="Example:\n\n  medsynth demo -o demo/")
 def demo(
-    output: Path = typer.Option(Path("demo"), "--output", "-o", help="Folder for phantoms, the run and the samples."),
-    steps: int = typer.Option(
-        1500, "--steps", help="Training steps (about 3 minutes on 2 CPU cores at the default size)."
+    output: Path = typer.Option(
+        Path("demo"), "--output", "-o", help="Folder for phantoms, the run and the samples.", file_okay=False
     ),
-    size: int = typer.Option(32, "--size", help="Volume side in voxels: 16, 32 or 64."),
-    phantoms: int = typer.Option(32, "--phantoms", help="How many head phantoms to train on."),
-    samples: int = typer.Option(8, "--samples", help="Synthetic volumes to write."),
+    steps: int = typer.Option(
+        1500, "--steps", min=1, help="Training steps (about 3 minutes on 2 CPU cores at the default size)."
+    ),
+    size: DemoSize = typer.Option(DemoSize.medium, "--size", help="Volume side in voxels."),
+    phantoms: int = typer.Option(32, "--phantoms", min=2, help="How many head phantoms to train on."),
+    samples: int = typer.Option(8, "--samples", min=1, help="Synthetic volumes to write."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda ..."),
     force: bool = typer.Option(False, "--force", help="Start the demo's training over instead of resuming it."),
 ) -> None:
     """Run the whole pipeline on built-in head phantoms: train briefly, sample, write previews."""
-    from medsynth import console, distributed
+    from medsynth import console
     from medsynth.demo import demo_config, run_demo
-    from medsynth.runs import RunRefused
-    from medsynth.train import TrainingStopped
 
-    settings = demo_config(steps, size, [f"train.batch_size={min(8, phantoms)}", *set_, f"train.device={device}"])
-    runtime = distributed.setup(settings.train.device)
-    try:
-        with (
-            console.progress_reporter() as progress,
-            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
-        ):
-            result = run_demo(
-                output,
-                settings,
-                runtime,
-                phantoms=phantoms,
-                samples=samples,
-                force=force,
-                progress=progress,
-                on_step=display,
-                on_message=console.info,
-            )
-    except RunRefused as exc:
-        raise Failure(str(exc), code=2) from None
-    except TrainingStopped as exc:
-        console.warn(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+    # Batches must fill a whole number of PacGAN packs (model.pack = 2): round down to even.
+    batch_size = max(2, min(8, phantoms) // 2 * 2)
+    settings = demo_config(steps, int(size.value), [f"train.batch_size={batch_size}", *set_, f"train.device={device}"])
+    with _training_session(settings) as (runtime, progress, display):
+        result = run_demo(
+            output,
+            settings,
+            runtime,
+            phantoms=phantoms,
+            samples=samples,
+            force=force,
+            progress=progress,
+            on_step=display,
+            on_event=display.event,
+            on_message=console.info,
+        )
     rows = [
         ["training data (phantoms, NIfTI)", result["phantoms"]],
         ["run (checkpoints, metrics.jsonl)", result["run"]],
@@ -318,46 +334,40 @@ def demo(
     )
 )
 def evaluate(
-    real: Path = typer.Option(..., "--real", help="Real volumes, ideally held out from training."),
-    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic volumes (any tool's)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for report.json and the figures."),
+    real: Path = typer.Option(..., "--real", help="Real volumes, ideally held out from training.", **EXISTING),
+    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic volumes (any tool's).", **EXISTING),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for report.json and the figures.", file_okay=False),
     train_dir: Path | None = typer.Option(
-        None, "--train", help="The training volumes: enables the memorisation audit."
+        None, "--train", help="The training volumes: enables the memorisation audit.", **EXISTING
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Use this run's or checkpoint's plan (else one from --real)."
     ),
-    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice (folds, permutations, bootstrap)."),
     json_output: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ) -> None:
     """Realism (C2ST, MMD, PRDC, W1), diversity (MS-SSIM) and a memorisation audit, with intervals."""
     from medsynth import console
-    from medsynth.checkpoint import CheckpointError, load_checkpoint
+    from medsynth.checkpoint import load_checkpoint
     from medsynth.evaluate import run_evaluation, summary_rows
-    from medsynth.plan import Plan, PlanError
+    from medsynth.plan import Plan
 
     settings = _load_config(config, set_)
-    for path in (real, synthetic, train_dir):
-        if path is not None and not path.exists():
-            raise Failure(f"{path}: no such file or folder", code=2)
-    try:
-        plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
-        with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
-            report = run_evaluation(
-                real,
-                synthetic,
-                output,
-                settings,
-                train_dir=train_dir,
-                plan=plan,
-                seed=seed,
-                progress=progress,
-                on_message=console.info,
-            )
-    except (CheckpointError, PlanError) as exc:
-        raise Failure(str(exc)) from None
+    plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
+    with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
+        report = run_evaluation(
+            real,
+            synthetic,
+            output,
+            settings,
+            train_dir=train_dir,
+            plan=plan,
+            seed=seed,
+            progress=progress,
+            on_message=console.info,
+        )
     if json_output:
         console.print_json(json.loads((output / "report.json").read_text()))
         return
@@ -381,22 +391,19 @@ def _flops(gflops: float) -> str:
     return f"{gflops * 1000:.2f} MFLOP"
 
 
-def _dry_run(scan_dir: Path, settings) -> None:
+def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     from medsynth import console
-    from medsynth.data import fingerprint_folder
-    from medsynth.plan import PlanError, make_plan
+    from medsynth.pipeline import fingerprint_folder
+    from medsynth.plan import format_triple, make_plan
     from medsynth.runs import describe_models
 
-    try:
-        with console.progress_reporter() as progress:
-            found = fingerprint_folder(scan_dir, settings, progress=progress)
-    except PlanError as exc:
-        raise Failure(str(exc)) from None
-    plan = make_plan(found.fingerprint, settings.plan)
+    with console.progress_reporter() as progress:
+        found = fingerprint_folder(scan_dir, settings, progress=progress)
+    plan = plan or make_plan(found.fingerprint, settings.plan)
     sizes = describe_models(settings, plan)
     rows = [
         ["volumes", f"{len(found.sources)} usable, {len(found.discovery.problems)} skipped"],
-        ["volume shape", "×".join(map(str, sizes["volume_shape"])) + f" at {plan.spacing[0]:g} mm"],
+        ["volume shape", format_triple(sizes["volume_shape"], 0) + f" at {format_triple(plan.spacing)} mm"],
         [
             "generator",
             f"{sizes['generator_parameters']:,} parameters, {_flops(sizes['generator_gflops_per_volume'])} per volume",
@@ -416,24 +423,33 @@ def _dry_run(scan_dir: Path, settings) -> None:
 def main() -> None:
     """Entry point: run the app and turn every expected failure into one line and an exit code.
 
-    Usage errors are reported by Typer itself (exit 2). Anything else that escapes is a bug and
-    keeps its traceback, so that it gets reported and fixed.
+    Usage errors that Typer finds (a missing path, a choice not on the list) and every
+    MedsynthError are caught here, once, and shown as one line: a log that a cluster job leaves
+    behind should say what went wrong on a line that grep finds. Anything else that escapes is a
+    bug and keeps its traceback, so that it gets reported and fixed.
     """
-    from medsynth.config import ConfigError
-    from medsynth.errors import SourceError, WriteError
+    from medsynth.errors import MedsynthError
 
+    # Click's UsageError, found from Typer's public BadParameter: recent Typer vendors click.
+    click_usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:
-        app()
-    except Failure as exc:
-        _fail(str(exc), exc.code)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except (SourceError, WriteError) as exc:
-        _fail(str(exc), 1)
+        code = app(standalone_mode=False)
+    except click_usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `medsynth` alone: the help, as Typer shows it
+            exc.show()
+        else:
+            command = exc.ctx.command_path if exc.ctx else "medsynth"
+            _say("error", f"{exc.format_message()} (see {command} --help)")
+        sys.exit(exc.exit_code)
+    except MedsynthError as exc:
+        _say(exc.level, str(exc))
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(message: str, code: int) -> None:
-    from medsynth import console
+def _say(level: str, message: str) -> None:
+    # Under torchrun every process meets the same failure: one of them says so.
+    if int(os.environ.get("RANK", "0")) == 0:
+        from medsynth import console
 
-    console.error(message)
-    sys.exit(code)
+        (console.warn if level == "warning" else console.error)(message)

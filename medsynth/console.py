@@ -149,10 +149,11 @@ class TrainingDisplay:
             parts.append(f"{metrics['volumes_per_s']:.1f} vol/s")
         return " | ".join(parts)
 
+    def event(self, message: str) -> None:
+        """Something happened to the run (a divergence rollback): always shown, as a warning."""
+        warn(message)
+
     def __call__(self, step: int, metrics: dict) -> None:
-        if "event" in metrics:
-            warn(metrics["event"])
-            return
         if self.start is None:
             self.start, self.started = step - 1, time.monotonic()
         if self._bar is not None:

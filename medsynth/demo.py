@@ -43,6 +43,7 @@ def run_demo(
     progress: Callable | None = None,
     on_step: Callable | None = None,
     on_message: Callable[[str], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     from medsynth.phantoms import write_phantoms
     from medsynth.runs import train_run
@@ -57,7 +58,9 @@ def run_demo(
             old.unlink()
         write_phantoms(data, phantoms, shape=(80, 80, 80), spacing=2.5)
     run = out_dir / "run"
-    result = train_run(data, run, config, runtime, force=force, progress=progress, on_step=on_step, on_message=say)
+    result = train_run(
+        data, run, config, runtime, force=force, progress=progress, on_step=on_step, on_message=say, on_event=on_event
+    )
     say(f"sampling {samples} synthetic volumes")
     summary = run_sampling(
         SampleRequest(

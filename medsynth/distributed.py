@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from medsynth.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -33,9 +35,12 @@ def resolve_device(setting: str = "auto") -> torch.device:
     """'auto' picks CUDA when present; anything else is passed to torch.device and checked."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise UsageError(f"--device {setting}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {setting}: CUDA is not available on this machine")
+        raise UsageError(f"--device {setting}: CUDA is not available on this machine")
     return device
 
 

@@ -45,7 +45,7 @@ def test_folder_without_images(run_cli, tmp_path):
 
 def test_missing_folder_is_a_usage_error(run_cli, tmp_path):
     code, _, err = run_cli("inspect", tmp_path / "nope")
-    assert code == 2 and "no such file or folder" in err
+    assert code == 2 and "does not exist" in err and "nope" in err and len(err.strip().splitlines()) == 1
 
 
 def test_text_file_named_nii(run_cli, tmp_path):

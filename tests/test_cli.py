@@ -69,3 +69,19 @@ def test_inspect_every_real_folder_without_a_traceback(run_cli, shared_data, fol
     code, out, err = run_cli("inspect", shared_data / folder)
     assert code == 0, err
     assert "Traceback" not in out + err and "Plan" in out
+
+
+@pytest.mark.parametrize(
+    ("values", "digits", "text"),
+    [
+        ((240, 240, 4), 0, "240×240×4"),  # whole numbers keep their zeros
+        ((100.0, 20.0, 0.0), 0, "100×20×0"),
+        ((0.9375, 0.9375, 1.2), 2, "0.94×0.94×1.2"),
+        ((2.0, 2.5, 10.0), 2, "2×2.5×10"),
+        ((1.0, 1.0, 1.0), 3, "1×1×1"),
+    ],
+)
+def test_sizes_and_spacings_print_as_people_write_them(values, digits, text):
+    from medsynth.plan import format_triple
+
+    assert format_triple(values, digits) == text

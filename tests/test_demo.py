@@ -27,6 +27,19 @@ def test_demo_runs_end_to_end(run_cli, tmp_path):
     assert image.shape == (16, 16, 16) and image.get_data_dtype() == np.int16
 
 
+def test_demo_plan_and_sampling_failures_are_one_line(run_cli, tmp_path):
+    # No phantom is a volume at io.min_slices=1000: the plan cannot be made.
+    code, out, err = run_cli("demo", "-o", tmp_path / "a", "--steps", "1", "--size", "16", "--phantoms", "2",
+                             "--set", "io.min_slices=1000")  # fmt: skip
+    assert code == 1 and "no usable images found" in err and "Traceback" not in err
+    # The samples folder is taken by a file: sampling cannot write there.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "samples").write_text("not a folder")
+    code, out, err = run_cli("demo", "-o", tmp_path / "b", "--steps", "1", "--size", "16", "--phantoms", "2")
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+    assert (tmp_path / "b" / "samples").read_text() == "not a folder"
+
+
 def test_phantoms_are_heads_in_hounsfield_units_and_vary():
     a, affine = head_phantom(0, shape=(48, 48, 48), spacing=4.0)
     b, _ = head_phantom(1, shape=(48, 48, 48), spacing=4.0)
