@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from medsynth.config import load_config
-from medsynth.data import prepare_dataset
+from medsynth.pipeline import prepare_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train" / "ixi-t1"
 

@@ -144,7 +144,7 @@ def main() -> None:
                     "cache.workers=2",
                 ],
             )
-            from medsynth.data import prepare_dataset
+            from medsynth.pipeline import prepare_dataset
 
             prepared = prepare_dataset(data_dir, config, cache_dir=Path(tmp) / "cache")
             trainer = Trainer(

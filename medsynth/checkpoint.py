@@ -1,18 +1,8 @@
 """Self-describing checkpoints: saved atomically, loaded without ever running code from the file.
 
-A checkpoint is a dict of plain types and tensors, so `torch.load(weights_only=True)` can read it:
-
-    format, schema_version, medsynth_version, torch_version, step, created
-    config         the full resolved configuration (plain dict)
-    plan           the plan (spacing, shape, intensity window and how to invert it)
-    fingerprint    the dataset fingerprint's summary (medians, counts; no file names)
-    generator, generator_ema, discriminator            state dicts
-    optimizer_generator, optimizer_discriminator        state dicts
-    rng            torch CPU/CUDA states and the latent-noise generator's state
-    data           epoch and batch position, for an exact resume
-    guard          divergence-guard counters
-
-`medsynth sample CHECKPOINT` needs nothing else.
+A checkpoint is a dict of plain types and tensors, so `torch.load(weights_only=True)` can read it.
+Its schema is written once, below: `TrainingState` is what the Trainer fills, `Checkpoint` adds
+the header that `save_checkpoint` writes. `medsynth sample CHECKPOINT` needs nothing else.
 """
 
 from __future__ import annotations
@@ -23,24 +13,72 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from medsynth import __version__
 from medsynth.atomic import atomic_write
 from medsynth.config import config_from_dict
+from medsynth.errors import MedsynthError, one_line_reason
 from medsynth.models import Generator3d
 
 FORMAT = "medsynth-checkpoint"
-SCHEMA_VERSION = 1
+# 2: the samples' affine moved from the checkpoint's top level into the plan (`output_affine`).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
-class CheckpointError(Exception):
+class CheckpointError(MedsynthError):
     """A checkpoint is missing, unreadable or incompatible. The message is for the user."""
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+class RngState(TypedDict, total=False):
+    torch_cpu: torch.Tensor  # the global CPU generator (weight init, penalties' random mixes)
+    latent: torch.Tensor  # the noise G is trained on
+    augment: torch.Tensor  # DiffAugment's draws
+    cuda: torch.Tensor  # only on CUDA runs
+
+
+class DataState(TypedDict):
+    epoch: int
+    batch: int  # batches of this epoch already used
+
+
+class GuardState(TypedDict):
+    rollbacks: int  # divergence rollbacks so far (each halved the learning rates)
+    d_win_streak: int  # consecutive steps on which D has won outright
+
+
+class TrainingState(TypedDict):
+    """What the Trainer puts in a checkpoint: all a resume needs, and all sampling needs."""
+
+    step: int
+    config: dict[str, Any]  # the full resolved configuration (config_to_dict)
+    plan: dict[str, Any]  # Plan.to_dict(): grid, intensity window and its inverse, output affine
+    fingerprint: dict[str, Any]  # the dataset's summary (medians, counts); never file names
+    world_size: int
+    generator: dict[str, torch.Tensor]
+    generator_ema: dict[str, torch.Tensor]  # BatchNorm statistics recalibrated: what sampling uses
+    discriminator: dict[str, torch.Tensor]
+    optimizer_generator: dict[str, Any]
+    optimizer_discriminator: dict[str, Any]
+    rng: RngState
+    data: DataState
+    guard: GuardState
+
+
+class Checkpoint(TrainingState):
+    """A checkpoint as saved and loaded: the training state and a header saying what wrote it."""
+
+    format: str  # FORMAT
+    schema_version: int
+    medsynth_version: str
+    torch_version: str
+    created: str  # ISO 8601, UTC
+
+
+def save_checkpoint(path: str | Path, state: TrainingState) -> Path:
     """Write atomically: a crash mid-save leaves the previous file intact, never half a file."""
     payload = {
         "format": FORMAT,
@@ -48,7 +86,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         "medsynth_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass that weights_only loading refuses
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **payload,
+        **state,
     }
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
@@ -66,7 +104,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate. Raises CheckpointError naming the file and the problem."""
     path = resolve_checkpoint_path(path)
     try:
@@ -86,23 +124,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = (lines[0] if lines else "unpickling failed").replace("WeightsUnpickler error:", "").strip()[:160]
         raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({reason})") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, or corrupt ({one_line_reason(exc, 160)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a medsynth checkpoint")
     version = payload.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise CheckpointError(
             f"{path}: checkpoint schema version {version} (written by medsynth {payload.get('medsynth_version')}); "
-            f"this medsynth {__version__} reads version {SCHEMA_VERSION}"
+            f"this medsynth {__version__} reads versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
         )
     missing = [k for k in ("config", "plan", "generator", "step") if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    return payload
+    return _upgrade(payload)
 
 
-def generator_from_checkpoint(payload: dict[str, Any], use_ema: bool = True) -> Generator3d:
+def _upgrade(payload: dict[str, Any]) -> Checkpoint:
+    """Bring an older schema up to this one, so that the rest of medsynth reads one schema."""
+    if payload["schema_version"] == 1:
+        # Version 1 kept the samples' affine beside the plan; the plan now carries it.
+        affine = payload.pop("sample_affine", None)
+        payload["plan"] = {**payload["plan"], "output_affine": affine}
+        payload["schema_version"] = 2
+    return payload  # type: ignore[return-value]
+
+
+def generator_from_checkpoint(payload: Checkpoint, use_ema: bool = True) -> Generator3d:
     """The generator a checkpoint describes, with its EMA weights when present, in eval mode."""
     config = config_from_dict(payload["config"])
     shape = tuple(payload["plan"]["target_shape"])

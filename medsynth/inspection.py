@@ -7,8 +7,8 @@ from typing import Any
 
 from medsynth import console
 from medsynth.config import Config
-from medsynth.data import Progress, fingerprint_folder
-from medsynth.plan import make_plan
+from medsynth.pipeline import Progress, fingerprint_folder
+from medsynth.plan import format_triple, make_plan
 
 _KIND_LABELS = {"nifti": "NIfTI", "itk": "ITK", "dicom": "DICOM"}
 
@@ -63,10 +63,6 @@ def _num(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _triple(values, digits: int = 2) -> str:
-    return "×".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") for v in values)
-
-
 def skipped_table(skipped: list[dict[str, str]], title: str):
     return console.table(title, ["item", "reason"], [[s["name"], s["reason"]] for s in skipped])
 
@@ -86,8 +82,8 @@ def render(report: dict[str, Any]) -> None:
             [
                 s["name"],
                 s["kind"],
-                "×".join(map(str, s["shape"])),
-                _triple(s["spacing_mm"]),
+                format_triple(s["shape"], 0),
+                format_triple(s["spacing_mm"]),
                 s["orientation"] + (f" ~{s['obliquity_degrees']:.0f}°" if s["obliquity_degrees"] >= 1 else ""),
                 modality,
                 f"{_num(intensity['min'])} … {_num(intensity['max'])}",
@@ -115,9 +111,9 @@ def render(report: dict[str, Any]) -> None:
     summary_rows = [
         ["volumes", f"{fp['n_sources']} ({counts})"],
         ["stored orientations", orientations + " (all reoriented to RAS)"],
-        ["median shape", _triple(fp["median_shape"], 0)],
-        ["median spacing", _triple(fp["median_spacing"]) + " mm"],
-        ["median foreground extent", _triple(fp["median_extent_mm"], 0) + " mm (R×A×S)"],
+        ["median shape", format_triple(fp["median_shape"], 0)],
+        ["median spacing", format_triple(fp["median_spacing"]) + " mm"],
+        ["median foreground extent", format_triple(fp["median_extent_mm"], 0) + " mm (R×A×S)"],
         ["median foreground fraction", f"{fp['median_foreground_fraction']:.0%}"],
     ]
     out.print(console.table("Fingerprint", ["", "median over the set"], summary_rows))
@@ -142,8 +138,8 @@ def render(report: dict[str, Any]) -> None:
     extent = [n * s for n, s in zip(plan["target_shape"], plan["spacing"])]
     plan_rows = [
         ["modality", plan["modality"].upper()],
-        ["target shape", "×".join(map(str, plan["target_shape"])) + " (RAS)"],
-        ["target spacing", _triple(plan["spacing"]) + f" mm, a {_triple(extent, 0)} mm field of view"],
+        ["target shape", format_triple(plan["target_shape"], 0) + " (RAS)"],
+        ["target spacing", format_triple(plan["spacing"]) + f" mm, a {format_triple(extent, 0)} mm field of view"],
         ["why this spacing", plan["spacing_reason"]],
         [
             "axes",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,21 @@ import numpy as np
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
 from medsynth.config import PlanConfig
+from medsynth.errors import MedsynthError
 from medsynth.io import Volume
 from medsynth.io.volume import obliquity_degrees
-from medsynth.preprocess import PREPROCESS_VERSION, foreground_box, foreground_mask, reorient_to_ras
+from medsynth.preprocess import (
+    PREPROCESS_VERSION,
+    IntensityWindow,
+    denormalise,
+    foreground_box,
+    foreground_mask,
+    percentile_window,
+    reorient_to_ras,
+)
 
-FINGERPRINT_VERSION = 8
+DEFAULT_MR_PERCENTILES = PlanConfig().mr_percentiles
+FINGERPRINT_VERSION = 9  # 9: each source's window at the configured MR percentiles
 PLAN_VERSION = 1
 
 _PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
@@ -34,7 +44,7 @@ _GEOMETRY_OUTLIER = 1.5
 _SCALE_OUTLIER = 10.0
 
 
-class PlanError(ValueError):
+class PlanError(MedsynthError, ValueError):
     """No plan can be made (no usable sources, contradictory settings). The message is for users."""
 
 
@@ -48,7 +58,11 @@ class SourceFingerprint:
     modality: str  # "ct" or "mr" (anything not in Hounsfield units is windowed like MRI)
     header_modality: str | None  # DICOM Modality; None for formats without one
     percentiles: dict[str, float]  # of all voxels, keyed "p0.5", "p50", ...; plus "min", "max"
-    foreground_high: float  # 99.5th percentile of foreground voxels
+    foreground_high: float  # 99.5th percentile of foreground voxels (the scale outliers are judged by)
+    # The intensity window at `window_percentiles` (the plan's MR percentiles), by the same function
+    # preprocessing windows each volume with: the plan's typical window is the median of these.
+    window: tuple[float, float]
+    window_percentiles: tuple[float, float]
     foreground_fraction: float
     foreground_extent_mm: tuple[float, float, float]  # bounding box along R, A, S
     value_dtype: str  # the smallest dtype holding the values exactly
@@ -58,7 +72,7 @@ class SourceFingerprint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SourceFingerprint:
         data = dict(data)
-        for key in ("shape", "spacing", "foreground_extent_mm", "warnings"):
+        for key in ("shape", "spacing", "foreground_extent_mm", "warnings", "window", "window_percentiles"):
             data[key] = tuple(data[key])
         return cls(**data)
 
@@ -84,12 +98,16 @@ def _value_dtype(array: np.ndarray, stored: str | None) -> str:
     return "float32"
 
 
-def fingerprint_volume(volume: Volume, name: str | None = None) -> SourceFingerprint:
-    """Everything the plan needs to know about one volume, from one pass over its voxels."""
+def fingerprint_volume(
+    volume: Volume, name: str | None = None, window_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES
+) -> SourceFingerprint:
+    """Everything the plan needs to know about one volume, from one pass over its voxels.
+    `window_percentiles` must be the plan's `mr_percentiles`: the window measured here is the one
+    synthetic MRI is mapped back to."""
     array = volume.array
-    name = name or str(volume.meta.get("source", "?"))
-    warnings = list(volume.meta.get("warnings", []))
-    header = volume.meta.get("modality")
+    name = name or volume.meta.source or "?"
+    warnings = list(volume.meta.warnings)
+    header = volume.meta.modality
     hounsfield = _looks_like_hounsfield(array)
     if header == "CT" and not hounsfield:
         warnings.append(
@@ -118,6 +136,7 @@ def fingerprint_volume(volume: Volume, name: str | None = None) -> SourceFingerp
         world = corners @ ras_affine[:3, :3].T + ras_affine[:3, 3]
         extent = tuple(float(v) for v in world.max(axis=0) - world.min(axis=0))
         high = float(np.percentile(ras[mask], 99.5))
+    window = percentile_window(ras, mask, window_percentiles)
     return SourceFingerprint(
         name=name,
         shape=volume.shape,
@@ -128,9 +147,11 @@ def fingerprint_volume(volume: Volume, name: str | None = None) -> SourceFingerp
         header_modality=header,
         percentiles=percentiles,
         foreground_high=high,
+        window=(window.low, window.high),
+        window_percentiles=tuple(float(p) for p in window_percentiles),  # type: ignore[arg-type]
         foreground_fraction=float(mask.mean()),
         foreground_extent_mm=extent,  # type: ignore[arg-type]
-        value_dtype=_value_dtype(array, volume.meta.get("stored_dtype")),
+        value_dtype=_value_dtype(array, volume.meta.stored_dtype),
         voxel_hash=hashlib.sha256(np.ascontiguousarray(ras, dtype=np.float32).tobytes()).hexdigest()[:16],
         warnings=tuple(warnings),
     )
@@ -145,7 +166,8 @@ class DatasetFingerprint:
     median_spacing: tuple[float, float, float]
     median_extent_mm: tuple[float, float, float]
     median_foreground_fraction: float
-    median_window: tuple[float, float]  # median p0.5 of all voxels, median foreground p99.5
+    median_window: tuple[float, float]  # median low and high of the sources' windows
+    window_percentiles: tuple[float, float]  # the percentiles those windows were taken at
     outliers: tuple[tuple[str, str], ...]  # (source name, reason)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +182,8 @@ def summarise(fingerprints: list[SourceFingerprint]) -> DatasetFingerprint:
     """Medians across the set, and the sources that stand out from them."""
     if not fingerprints:
         raise PlanError("no usable volumes to fingerprint")
+    if len({f.window_percentiles for f in fingerprints}) > 1:
+        raise PlanError("the sources were fingerprinted at different window percentiles")
     modality_counts = Counter(f.modality for f in fingerprints)
     majority = modality_counts.most_common(1)[0][0]
     spacing = _median([f.spacing for f in fingerprints])
@@ -176,10 +200,12 @@ def summarise(fingerprints: list[SourceFingerprint]) -> DatasetFingerprint:
             reasons.append(f"modality {f.modality.upper()} in a mostly {majority.upper()} set")
         ratio = np.asarray(f.spacing) / np.maximum(spacing, 1e-9)
         if (ratio > _GEOMETRY_OUTLIER).any() or (ratio < 1 / _GEOMETRY_OUTLIER).any():
-            reasons.append(f"spacing {_fmt(f.spacing)} mm vs median {_fmt(spacing)}")
+            reasons.append(f"spacing {format_triple(f.spacing)} mm vs median {format_triple(spacing)}")
         ratio = np.asarray(f.foreground_extent_mm) / np.maximum(extent, 1e-9)
         if (ratio > _GEOMETRY_OUTLIER).any() or (ratio < 1 / _GEOMETRY_OUTLIER).any():
-            reasons.append(f"foreground extent {_fmt(f.foreground_extent_mm, 0)} mm vs median {_fmt(extent, 0)}")
+            reasons.append(
+                f"foreground extent {format_triple(f.foreground_extent_mm, 0)} mm vs median {format_triple(extent, 0)}"
+            )
         if majority == "mr" and f.modality == "mr" and scale > 0 and f.foreground_high > 0:
             factor = f.foreground_high / scale
             if factor > _SCALE_OUTLIER or factor < 1 / _SCALE_OUTLIER:
@@ -197,20 +223,45 @@ def summarise(fingerprints: list[SourceFingerprint]) -> DatasetFingerprint:
         median_extent_mm=extent,  # type: ignore[arg-type]
         median_foreground_fraction=float(np.median([f.foreground_fraction for f in fingerprints])),
         median_window=(
-            float(np.median([f.percentiles["p0.5"] for f in fingerprints])),
-            float(np.median([f.foreground_high for f in fingerprints])),
+            float(np.median([f.window[0] for f in fingerprints])),
+            float(np.median([f.window[1] for f in fingerprints])),
         ),
+        window_percentiles=fingerprints[0].window_percentiles,
         outliers=tuple(outliers),
     )
 
 
-def _fmt(values, digits: int = 2) -> str:
-    return "×".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{v:.0f}" for v in values)
+def format_triple(values, digits: int = 2) -> str:
+    """Sizes or spacings for people: "240×240×4", "0.94×0.94×1.2". Rounded to `digits` decimals
+    with trailing decimal zeros dropped; a whole number keeps its own zeros."""
+
+    def one(value: float) -> str:
+        text = f"{value:.{digits}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+
+    return "×".join(one(float(v)) for v in values)
+
+
+def centred_affine(
+    shape: tuple[int, ...], spacing: tuple[float, ...], centre: tuple[float, ...] | np.ndarray = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """RAS+ affine of a grid of `shape` voxels of `spacing` mm on the world axes, whose centre lies
+    at `centre` (mm)."""
+    half_extent = (np.asarray(shape, dtype=np.float64) - 1) / 2 * np.asarray(spacing, dtype=np.float64)
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = np.asarray(centre, dtype=np.float64) - half_extent
+    return affine
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What every volume is turned into before training, and how to turn model output back."""
+    """What every volume is turned into before training, and how to turn model output back.
+
+    The plan is the one carrier of "how to get back": `to_real_units` inverts the intensity
+    window and `affine` places a synthetic volume in the world. It is made before preprocessing
+    (`make_plan`), placed after it (`placed_at`, from where the training crops lie), and then
+    travels unchanged through the run folder (plan.json), every checkpoint, `sample` and `evaluate`.
+    """
 
     modality: str  # "ct" or "mr"
     target_shape: tuple[int, int, int]  # (x, y, z), RAS
@@ -218,7 +269,8 @@ class Plan:
     deoblique: bool
     # "fixed": `window` is a Hounsfield window applied to every volume (CT).
     # "percentile": each volume is windowed at its own `percentiles` (MRI); `window` is then the
-    # dataset's typical window, used to map synthetic volumes back to realistic values.
+    # dataset's typical window at those percentiles, used to map synthetic volumes back to
+    # realistic values.
     intensity_mode: str
     window: tuple[float, float]
     percentiles: tuple[float, float] | None
@@ -228,6 +280,8 @@ class Plan:
     version: int = PLAN_VERSION
     medsynth_version: str = __version__
     notes: tuple[str, ...] = field(default=())
+    # RAS+ affine of every synthetic volume: set by `placed_at` once the training crops are known.
+    output_affine: tuple[tuple[float, ...], ...] | None = None
 
     def preprocessing_key(self) -> str:
         """Hash of everything that changes a preprocessed volume; part of every cache key."""
@@ -244,6 +298,36 @@ class Plan:
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
+    # ---------------------------------------------------------------- the way back
+
+    @property
+    def intensity_window(self) -> IntensityWindow:
+        """The window that [-1, 1] maps back to: fixed HU for CT, the typical one for MRI."""
+        return IntensityWindow(*self.window)
+
+    def to_real_units(self, volume: np.ndarray) -> np.ndarray:
+        """Model output in [-1, 1] -> the plan's units (HU for CT, the typical training range for MRI)."""
+        return denormalise(np.clip(volume, -1.0, 1.0), self.intensity_window)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """RAS+ affine of every synthetic volume: where the training crops lay on average, or,
+        for a plan never placed, centred on the world origin."""
+        if self.output_affine is not None:
+            return np.asarray(self.output_affine, dtype=np.float64)
+        return centred_affine(self.target_shape, self.spacing)
+
+    def placed_at(self, crop_affines: list) -> Plan:
+        """This plan, with synthetic volumes centred where the training crops were centred on
+        average, so that a sample overlays the training scans in a viewer."""
+        shape = np.asarray(self.target_shape, dtype=np.float64)
+        centre_voxel = np.array([*((shape - 1) / 2), 1.0])
+        centres = [np.asarray(a, dtype=np.float64) @ centre_voxel for a in crop_affines]  # (4,) each, mm
+        affine = centred_affine(self.target_shape, self.spacing, np.mean(centres, axis=0)[:3])
+        return replace(self, output_affine=tuple(tuple(float(v) for v in row) for row in affine))
+
+    # ---------------------------------------------------------------- files
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -252,18 +336,38 @@ class Plan:
         data = dict(data)
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')} is not supported (this medsynth reads {PLAN_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {', '.join(unknown)}: written by a newer medsynth?")
         for key in ("target_shape", "spacing", "window", "notes"):
             data[key] = tuple(data[key])
         if data.get("percentiles") is not None:
             data["percentiles"] = tuple(data["percentiles"])
-        return cls(**data)
+        if data.get("output_affine") is not None:
+            data["output_affine"] = tuple(tuple(float(v) for v in row) for row in data["output_affine"])
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field missing
+            raise PlanError(f"not a complete plan ({exc})") from None
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise PlanError(f"{path}: not a plan (invalid JSON: {exc})") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"{path}: not a plan (expected a JSON object)")
+        try:
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
 
 
 def _round_up(value: float, step: float = 0.05) -> float:
@@ -297,8 +401,8 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
         else:
             spacing = tuple(_round_up(max(float(f), float(native))) for f in fit)
         reason = (
-            f"the {_fmt(config.target_shape, 0)} grid covers the foreground of {config.fit_quantile:.0%} of sources "
-            f"({_fmt(covered, 0)} mm), never finer than the median native spacing ({native:.2g} mm)"
+            f"the {format_triple(config.target_shape, 0)} grid covers the foreground of {config.fit_quantile:.0%} of sources "
+            f"({format_triple(covered, 0)} mm), never finer than the median native spacing ({native:.2g} mm)"
         )
 
     if modality == "ct":
@@ -306,6 +410,11 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
         output_dtype = "int16"
     else:
         intensity_mode, percentiles = "percentile", tuple(config.mr_percentiles)
+        if tuple(fingerprint.window_percentiles) != tuple(config.mr_percentiles):
+            raise PlanError(
+                f"the fingerprint's windows are at percentiles {list(fingerprint.window_percentiles)}, "
+                f"not plan.mr_percentiles {list(config.mr_percentiles)}: fingerprint with the same settings"
+            )
         window = fingerprint.median_window
         if window[1] <= window[0]:
             window = (window[0], window[0] + 1.0)

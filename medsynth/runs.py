@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medsynth.atomic import atomic_write_bytes, atomic_write_json
 from medsynth.checkpoint import CheckpointError, load_checkpoint
 from medsynth.config import Config, config_to_dict
-from medsynth.data import Progress, prepare_dataset
 from medsynth.distributed import Runtime, barrier
-from medsynth.plan import Plan
-from medsynth.train import StepCallback, Trainer
+from medsynth.errors import UsageError
+from medsynth.pipeline import Progress, prepare_dataset
+from medsynth.plan import Plan, format_triple
+from medsynth.train import EventCallback, StepCallback, Trainer
 
 # Settings that may change when a run is resumed: they do not change what is being learnt.
 RESUMABLE_CHANGES = {
@@ -58,8 +57,8 @@ RUN_ARTEFACTS = (
 )
 
 
-class RunRefused(Exception):
-    """The run folder cannot be used as asked. The message says why and what to do."""
+class RunRefused(UsageError):
+    """The run folder cannot be used as asked (exit 2). The message says why and what to do."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -122,6 +121,14 @@ class RunResult:
     skipped: int
 
 
+def _plan_identity(plan: Plan) -> dict[str, Any]:
+    """What makes two plans the same plan: everything but where samples are placed and who wrote it."""
+    data = plan.to_dict()
+    for key in ("output_affine", "medsynth_version"):
+        data.pop(key)
+    return data
+
+
 def train_run(
     scan_dir: str | Path,
     run_dir: str | Path,
@@ -131,19 +138,37 @@ def train_run(
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
     on_message=None,
+    on_event: EventCallback | None = None,
+    plan: Plan | None = None,
 ) -> RunResult:
-    """Prepare the data (with the checkpoint's plan when resuming), then train to max_steps."""
+    """Prepare the data, then train to max_steps.
+
+    The plan is, in order of precedence: the checkpoint's when resuming (a given `plan` must then
+    be the same one), the given `plan` (`train --plan`, e.g. from `inspect --save-plan`), or one
+    derived from the data's fingerprint and `config.plan`.
+    """
     import yaml
 
     run_dir = Path(run_dir)
     say = on_message if (on_message and runtime.is_main) else (lambda message: None)
     resume = find_resume(run_dir, config, force)
+    if resume:
+        saved = Plan.from_dict(resume["plan"])
+        if plan is not None and _plan_identity(plan) != _plan_identity(saved):
+            raise RunRefused(
+                f"{run_dir} holds a run (step {resume['step']}) trained with another plan than --plan gives. "
+                "Resume without --plan (the run keeps its own), --force to start over, or another -o folder"
+            )
+        plan = saved
+    if plan is not None and min(plan.target_shape) < 2 * config.model.base_grid:
+        raise RunRefused(
+            f"the plan's shape {list(plan.target_shape)} is too small for model.base_grid={config.model.base_grid}"
+        )
     if runtime.is_main:
         if force and (run_dir / "checkpoints").exists():
             say(f"--force: starting {run_dir} over")
             clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-    plan = Plan.from_dict(resume["plan"]) if resume else None
     if resume:
         if resume["step"] >= config.train.max_steps:
             say(
@@ -179,10 +204,10 @@ def train_run(
         fingerprint=fingerprint,
         resume=resume,
         on_step=on_step,
-        sample_affine=mean_crop_affine(prepared.plan, [entry.affine for entry in prepared.entries]).tolist(),
+        on_event=on_event,
     )
     say(
-        f"training on {len(prepared.entries)} volumes of {'×'.join(map(str, prepared.plan.target_shape))} "
+        f"training on {len(prepared.entries)} volumes of {format_triple(prepared.plan.target_shape, 0)} "
         f"at {prepared.plan.spacing[0]:g} mm, {runtime.world_size} process(es) on {runtime.device}"
         + (", bf16 autocast" if trainer.bf16 else "")
     )
@@ -190,16 +215,6 @@ def train_run(
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
     )
-
-
-def mean_crop_affine(plan: Plan, affines: list) -> np.ndarray:
-    """Where synthetic volumes go in the world: the plan's spacing on RAS axes, centred where the
-    training crops were centred on average, so a sample overlays the training scans in a viewer."""
-    shape = np.asarray(plan.target_shape, dtype=np.float64)
-    centres = [np.asarray(a, dtype=np.float64) @ np.array([*((shape - 1) / 2), 1.0]) for a in affines]
-    affine = np.diag([*plan.spacing, 1.0])
-    affine[:3, 3] = np.mean(centres, axis=0)[:3] - (shape - 1) / 2 * np.asarray(plan.spacing)
-    return affine
 
 
 def describe_models(config: Config, plan: Plan) -> dict[str, Any]:

@@ -13,7 +13,6 @@ a re-run skips finished samples and redoes interrupted ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -30,16 +29,18 @@ import torch
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
 from medsynth.checkpoint import generator_from_checkpoint, load_checkpoint, resolve_checkpoint_path
-from medsynth.io import Volume, write_nifti
-from medsynth.io.dicom_writer import write_dicom_series
-from medsynth.io.writers import cast_for_storage
-from medsynth.preprocess import IntensityWindow, denormalise
+from medsynth.config import config_from_dict
+from medsynth.errors import MedsynthError, UsageError, WriteError
+from medsynth.io import Volume, cast_for_storage, file_sha256, write_dicom_series, write_nifti
+from medsynth.models import sample_latent
+from medsynth.plan import Plan
 
 MICROBATCH = 4
 SYNTHETIC_DESCRIPTION = f"SYNTHETIC medsynth {__version__}"
+FORMATS = ("nifti", "dicom")
 
 
-class SampleError(Exception):
+class SampleError(MedsynthError):
     """A sampling request cannot be carried out. The message is for the user."""
 
 
@@ -50,11 +51,9 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def latent_for(seed: int, index: int, latent_dim: int, prior: str) -> torch.Tensor:
-    """The noise of one sample, drawn on the CPU so that it is the same on every device."""
+    """The noise of one sample, (latent_dim,), drawn on the CPU so that it is the same on every device."""
     generator = torch.Generator().manual_seed(sample_seed(seed, index))
-    if prior == "uniform":
-        return torch.rand(latent_dim, generator=generator) * 2.0 - 1.0
-    return torch.randn(latent_dim, generator=generator)  # (latent_dim,)
+    return sample_latent(1, latent_dim, prior, generator, "cpu")[0]
 
 
 @torch.no_grad()
@@ -71,33 +70,6 @@ def generate(generator: torch.nn.Module, latents: torch.Tensor, device: torch.de
     return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
 
 
-def sample_affine(payload: dict[str, Any]) -> np.ndarray:
-    """RAS+ affine of every synthetic volume: the plan's spacing on RAS axes, placed where the
-    training crops were on average (so samples overlay the training scans in a viewer), or
-    centred on the world origin for checkpoints that do not record it."""
-    plan = payload["plan"]
-    if payload.get("sample_affine") is not None:
-        return np.asarray(payload["sample_affine"], dtype=np.float64)
-    shape = np.asarray(plan["target_shape"], dtype=np.float64)
-    affine = np.diag([*plan["spacing"], 1.0])
-    affine[:3, 3] = -(shape - 1) / 2 * np.asarray(plan["spacing"])
-    return affine
-
-
-def to_real_units(volume: np.ndarray, plan: dict[str, Any]) -> np.ndarray:
-    """[-1, 1] -> the plan's units: Hounsfield units for CT, the typical training range for MRI."""
-    window = IntensityWindow(*plan["window"])
-    return denormalise(np.clip(volume, -1.0, 1.0), window)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Shard:
     index: int
@@ -110,9 +82,9 @@ class Shard:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise SampleError(f"--shard expects i/k, e.g. 0/4, got {text!r}") from None
+            raise UsageError(f"--shard expects i/k, e.g. 0/4, got {text!r}") from None
         if count < 1 or not 0 <= index < count:
-            raise SampleError(f"--shard {text}: need 0 <= i < k")
+            raise UsageError(f"--shard {text}: need 0 <= i < k")
         return cls(index, count)
 
     def indices(self, n: int) -> list[int]:
@@ -161,32 +133,25 @@ def _done(out_dir: Path, index: int, identity: dict[str, Any]) -> bool:
     return target.exists()
 
 
-def _write_one(
-    index: int,
-    volume: np.ndarray,
-    affine: np.ndarray,
-    plan: dict[str, Any],
-    request: SampleRequest,
-    sidecar: dict[str, Any],
-) -> dict[str, Any]:
+def _write_one(index: int, volume: np.ndarray, plan: Plan, request: SampleRequest, sidecar: dict[str, Any]) -> dict:
     # Cast once (rounding and clipping to the output dtype), so NIfTI and DICOM hold the same values.
-    values = cast_for_storage(to_real_units(volume, plan), plan["output_dtype"])
+    values = cast_for_storage(plan.to_real_units(volume), plan.output_dtype)
     name = _name(index, request.file_format)
     target = request.out_dir / name
     if request.file_format == "nifti":
         write_nifti(
-            Volume(values.astype(np.float32), affine),
+            Volume(values.astype(np.float32), plan.affine),
             target,
-            dtype=plan["output_dtype"],
+            dtype=plan.output_dtype,
             description=SYNTHETIC_DESCRIPTION,
         )
     else:
         write_dicom_series(
             target,
             values,
-            affine,
-            modality="CT" if plan["modality"] == "ct" else "MR",
-            dtype=plan["output_dtype"],
+            plan.affine,
+            modality="CT" if plan.modality == "ct" else "MR",
+            dtype=plan.output_dtype,
             series_description=f"{SYNTHETIC_DESCRIPTION} sample {index}",
             seed=sidecar["seed"],
         )
@@ -227,34 +192,38 @@ def write_manifest(out_dir: Path) -> Path:
 
 def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Generate and write this shard's samples. Returns a summary (written, skipped, paths)."""
-    if request.file_format not in ("nifti", "dicom"):
-        raise SampleError(f"--format must be nifti or dicom, got {request.file_format!r}")
+    if request.file_format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {request.file_format!r}")
     if request.count < 1 or request.batch_size < 1:
-        raise SampleError("-n and --batch-size must be at least 1")
+        raise UsageError("-n and --batch-size must be at least 1")
+    if request.out_dir.exists() and not request.out_dir.is_dir():
+        raise UsageError(f"{request.out_dir}: is a file; -o needs a folder for the samples")
     checkpoint_path = resolve_checkpoint_path(request.checkpoint)
     payload = load_checkpoint(checkpoint_path, map_location="cpu")
-    plan = payload["plan"]
+    plan = Plan.from_dict(payload["plan"])
+    config = config_from_dict(payload["config"])
     generator = generator_from_checkpoint(payload).to(request.device)
-    latent_dim = int(payload["config"]["model"]["latent_dim"])
-    prior = payload["config"]["loss"]["latent_prior"]
-    affine = sample_affine(payload)
+    latent_dim, prior = config.model.latent_dim, config.loss.latent_prior
     identity = {
         "checkpoint_sha256": file_sha256(checkpoint_path),
         "base_seed": request.seed,
         "format": request.file_format,
     }
-    request.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder of the path should be, no permission, ...
+        raise WriteError(str(request.out_dir), exc.strerror or type(exc).__name__) from None
     sidecar_base = {
         **identity,
         "synthetic": True,
         "training_step": int(payload["step"]),
         "medsynth_version": __version__,
         "command": shlex.join(sys.argv),
-        "modality": plan["modality"].upper(),
-        "shape": list(plan["target_shape"]),
-        "spacing_mm": list(plan["spacing"]),
-        "dtype": plan["output_dtype"],
-        "units": "HU" if plan["modality"] == "ct" else "arbitrary (typical training range)",
+        "modality": plan.modality.upper(),
+        "shape": list(plan.target_shape),
+        "spacing_mm": list(plan.spacing),
+        "dtype": plan.output_dtype,
+        "units": "HU" if plan.modality == "ct" else "arbitrary (typical training range)",
     }
     wanted = request.shard.indices(request.count)
     todo = wanted if request.force else [i for i in wanted if not _done(request.out_dir, i, identity)]
@@ -273,7 +242,7 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
             volumes = generate(generator, latents, request.device)  # (B, X, Y, Z)
             for index, volume in zip(batch, volumes):
                 sidecar = {**sidecar_base, "seed": sample_seed(request.seed, index)}
-                pending.append(writers.submit(_write_one, index, volume, affine, plan, request, sidecar))
+                pending.append(writers.submit(_write_one, index, volume, plan, request, sidecar))
                 if request.preview and len(preview_volumes) < 8:
                     preview_volumes.append(volume)
             while len(pending) > 2 * request.batch_size:  # bound memory: wait for the oldest writes
@@ -290,9 +259,7 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         from medsynth.preview import save_montage
 
         suffix = "" if request.shard.count == 1 else f"-shard{request.shard.index}of{request.shard.count}"
-        preview_path = save_montage(
-            request.out_dir / f"preview{suffix}.png", preview_volumes, spacing=tuple(plan["spacing"])
-        )
+        preview_path = save_montage(request.out_dir / f"preview{suffix}.png", preview_volumes, spacing=plan.spacing)
     return {
         "written": len(written),
         "skipped": skipped,

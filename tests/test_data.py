@@ -7,8 +7,9 @@ import pytest
 from helpers import blob_volume, rotation, write_nifti
 
 from medsynth.config import AugmentConfig, Config, load_config
-from medsynth.data import CachedVolumeDataset, prepare_dataset, prepare_volume
+from medsynth.data import CachedVolumeDataset
 from medsynth.io import Volume
+from medsynth.pipeline import prepare_dataset, prepare_volume
 
 
 def small_config(*overrides: str) -> Config:

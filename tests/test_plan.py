@@ -9,12 +9,12 @@ import pytest
 from helpers import blob_volume
 
 from medsynth.config import PlanConfig
-from medsynth.io import Volume
+from medsynth.io import Volume, VolumeMeta
 from medsynth.plan import Plan, PlanError, fingerprint_volume, make_plan, summarise
 
 
 def volume(array, spacing=(1.0, 1.0, 1.0), **meta) -> Volume:
-    return Volume(array=array, affine=np.diag([*spacing, 1.0]), meta=meta)
+    return Volume(array=array, affine=np.diag([*spacing, 1.0]), meta=VolumeMeta(**meta))
 
 
 def ct_volume(seed=0, shape=(40, 40, 30)) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_no_sources_is_a_plan_error():
 @pytest.mark.realdata
 def test_real_ixi_plan(shared_data):
     from medsynth.config import Config
-    from medsynth.data import fingerprint_folder
+    from medsynth.pipeline import fingerprint_folder
 
     found = fingerprint_folder(shared_data / "train" / "ixi-t1", Config())
     assert len(found.sources) == 139 and not found.fingerprint.outliers

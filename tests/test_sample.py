@@ -9,16 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, cpu_runtime
 from reliability_report import record
 
 from medsynth.checkpoint import load_checkpoint
 from medsynth.config import load_config
-from medsynth.distributed import Runtime
 from medsynth.phantoms import write_phantoms
 from medsynth.runs import train_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CPU = Runtime(device=torch.device("cpu"))
+CPU = cpu_runtime()
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +172,7 @@ def test_no_half_written_file_under_a_final_name(run_cli, ct_run, tmp_path, monk
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("medsynth.io.writers.compress", explode)
+    monkeypatch.setattr("medsynth.io.nifti.compress", explode)
     with pytest.raises(RuntimeError):
         from medsynth.sample import SampleRequest, run_sampling
 
@@ -291,3 +290,60 @@ def test_malicious_checkpoint_cannot_run_code(tmp_path, run_cli):
 def test_bad_shard_is_a_usage_error(run_cli, ct_run, tmp_path):
     code, stderr = sample(run_cli, ct_run, tmp_path / "out", "-n", 2, "--shard", "2/2")
     assert code == 2 and "--shard" in stderr
+
+
+def test_output_that_is_a_file_is_a_usage_error_not_a_traceback(run_cli, ct_run, tmp_path):
+    from medsynth.errors import UsageError
+    from medsynth.sample import SampleRequest, run_sampling
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code, stderr = sample(run_cli, ct_run, existing, "-n", 1)
+    assert code == 2 and "notes.txt" in stderr and "is a file" in stderr
+    with pytest.raises(UsageError, match="is a file"):  # the library says so too, for demo and scripts
+        run_sampling(SampleRequest(checkpoint=ct_run, count=1, out_dir=existing))
+    code, stderr = sample(run_cli, ct_run, existing / "below", "-n", 1)
+    assert code == 1 and "cannot write" in stderr
+    assert existing.read_text() == "keep me"
+
+
+def test_a_version_1_checkpoint_samples_the_same_files(run_cli, ct_run, tmp_path):
+    """Schema 1 kept the samples' affine beside the plan; it is read into the plan on load."""
+    payload = load_checkpoint(ct_run)
+    payload["schema_version"] = 1
+    payload["sample_affine"] = [list(row) for row in payload["plan"].pop("output_affine")]
+    torch.save(dict(payload), tmp_path / "v1.pt")
+    sample(run_cli, ct_run, tmp_path / "now", "-n", 2)
+    sample(run_cli, tmp_path / "v1.pt", tmp_path / "old", "-n", 2)
+    now, old = voxels(tmp_path / "now"), voxels(tmp_path / "old")
+    for name in now:
+        np.testing.assert_array_equal(now[name], old[name])
+        a = nib.load(str(tmp_path / "now" / name)).affine
+        np.testing.assert_array_equal(a, nib.load(str(tmp_path / "old" / name)).affine)
+
+
+def test_mr_window_follows_the_configured_percentiles(tmp_path, run_cli):
+    """The window `sample` maps [-1, 1] back to is the typical window at the percentiles each
+    training volume was windowed at, computed by the same function: not fixed 0.5/99.5."""
+    from helpers import blob_volume, write_nifti
+
+    from medsynth.pipeline import fingerprint_folder
+    from medsynth.plan import make_plan
+    from medsynth.preprocess import foreground_mask, percentile_window
+
+    arrays = [blob_volume((24, 24, 24), seed=seed, high=600 + 50 * seed) for seed in range(4)]
+    for seed, array in enumerate(arrays):
+        write_nifti(tmp_path / "data" / f"mr{seed}.nii.gz", array, dtype=np.uint16)
+    config = load_config(CONFIGS / "tiny.yaml", ["plan.mr_percentiles=[2,60]", "train.max_steps=1"])
+    stored = [a.astype(np.uint16).astype(np.float32) for a in arrays]  # what the files hold
+    windows = [percentile_window(a, foreground_mask(a, "mr"), (2.0, 60.0)) for a in stored]
+    expected = (np.median([w.low for w in windows]), np.median([w.high for w in windows]))
+    plan = make_plan(fingerprint_folder(tmp_path / "data", config).fingerprint, config.plan)
+    np.testing.assert_allclose(plan.window, expected, rtol=1e-6)
+    default = load_config(CONFIGS / "tiny.yaml")
+    default_plan = make_plan(fingerprint_folder(tmp_path / "data", default).fingerprint, default.plan)
+    assert default_plan.window[1] > plan.window[1] * 1.1  # the setting matters, so the test can fail
+    train_run(tmp_path / "data", tmp_path / "run", config, CPU)
+    sample(run_cli, tmp_path / "run", tmp_path / "out", "-n", 2)
+    values = np.asarray(nib.load(str(tmp_path / "out" / "sample_00000.nii.gz")).dataobj)
+    assert values.max() <= round(expected[1]) + 1
