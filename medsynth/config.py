@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medsynth.errors import UsageError
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid. The message is meant for the user as is."""
+# Differentiable augmentations of what D sees (medsynth.diffaug implements them).
+DIFF_AUGMENT_POLICIES = ("translation", "cutout", "contrast")
+
+
+class ConfigError(UsageError, ValueError):
+    """A configuration value or key is invalid (exit 2). The message is meant for the user as is."""
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -118,15 +123,17 @@ class AugmentConfig:
     # memorising a small training set, which otherwise costs the samples their diversity.
     diff_augment: str = ""
 
+    @property
+    def diff_augment_policy(self) -> tuple[str, ...]:
+        """`diff_augment` as the ordered tuple of policy names it lists (empty: off)."""
+        return tuple(name.strip() for name in self.diff_augment.split(",") if name.strip())
+
     def __post_init__(self) -> None:
-        unknown = [
-            p
-            for p in self.diff_augment.split(",")
-            if p.strip() and p.strip() not in ("translation", "cutout", "contrast")
-        ]
+        unknown = [name for name in self.diff_augment_policy if name not in DIFF_AUGMENT_POLICIES]
         if unknown:
             raise ConfigError(
-                f"augment.diff_augment: unknown policy {', '.join(unknown)} (choose from translation, cutout, contrast)"
+                f"augment.diff_augment: unknown policy {', '.join(unknown)} "
+                f"(choose from {', '.join(DIFF_AUGMENT_POLICIES)})"
             )
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ConfigError(f"augment.flip_axes must name axes 0, 1 or 2, got {list(self.flip_axes)}")
@@ -247,6 +254,20 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Rules that span sections, checked here so that a bad combination fails before any data
+        # is read, with the settings named, rather than deep inside the first training step.
+        if self.train.batch_size % self.model.pack:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of model.pack ({self.model.pack}): "
+                "D judges packs of model.pack volumes"
+            )
+        if min(self.plan.target_shape) < 2 * self.model.base_grid:
+            raise ConfigError(
+                f"plan.target_shape {list(self.plan.target_shape)} is too small for model.base_grid="
+                f"{self.model.base_grid}: the shortest side must be at least twice the base grid"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

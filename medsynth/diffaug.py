@@ -12,15 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("translation", "cutout", "contrast")
-
-
-def parse_policy(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown DiffAugment policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
-    return names
+from medsynth.config import DIFF_AUGMENT_POLICIES
 
 
 def _translation(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.125) -> torch.Tensor:
@@ -59,13 +51,13 @@ def _contrast(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x + 1.0) * factor - 1.0
 
 
+_TRANSFORMS = {"translation": _translation, "cutout": _cutout, "contrast": _contrast}
+assert set(_TRANSFORMS) == set(DIFF_AUGMENT_POLICIES)  # the config validates names against that list
+
+
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Generator) -> torch.Tensor:
-    """Apply `policy` (names from POLICIES) to a (B, 1, X, Y, Z) batch, differentiably."""
+    """Apply `policy` (names from config.DIFF_AUGMENT_POLICIES, in order) to a (B, C, X, Y, Z)
+    batch, differentiably. Every volume gets its own random draw."""
     for name in policy:
-        if name == "contrast":
-            x = _contrast(x, generator)
-        elif name == "translation":
-            x = _translation(x, generator)
-        elif name == "cutout":
-            x = _cutout(x, generator)
+        x = _TRANSFORMS[name](x, generator)
     return x

@@ -7,8 +7,13 @@ Each step follows Goodfellow et al.'s algorithm with DCGAN networks:
 2. update G on m fresh noise samples, with D frozen, to make D call them real;
 3. update the EMA copy of G, which previews and sampling use.
 
+Everything D judges (real volumes, fakes, the R1 and gradient-penalty inputs, and G's fakes in the
+G step) passes through one method, `run_discriminator`: DiffAugment, then PacGAN packing, then D.
+A new input to D (a label map, a condition) therefore reaches every D call or none.
+
 Around it: bf16 autocast, DDP, exact resume (RNG states, data position and optimiser states are
 in every checkpoint), atomic checkpoints, SIGINT/SIGTERM/SIGUSR1 handling and a divergence guard.
+`fit()` reads as the table of contents of a run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 from torch import nn
 
 from medsynth.checkpoint import (
+    GuardState,
+    RngState,
+    TrainingState,
     all_finite,
     load_checkpoint,
     publish_last,
@@ -38,9 +46,10 @@ from medsynth.checkpoint import (
 )
 from medsynth.config import Config, config_to_dict
 from medsynth.data import CachedVolumeDataset
-from medsynth.diffaug import diff_augment, parse_policy
+from medsynth.diffaug import diff_augment
 from medsynth.distributed import Runtime, any_rank
 from medsynth.ema import recalibrate_batchnorm, update_ema
+from medsynth.errors import MedsynthError
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.metrics import MetricsLog
 from medsynth.models import build_models, sample_latent
@@ -49,10 +58,14 @@ from medsynth.preview import save_montage
 
 # Log callback: (step, metrics) -> None. The CLI draws progress with it; tests pass None.
 StepCallback = Callable[[int, dict[str, Any]], None]
+# Event callback: one sentence about something that happened to the run (a divergence rollback).
+EventCallback = Callable[[str], None]
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(MedsynthError):
     """Training ended early on purpose (a signal) or by the divergence guard. Message for users."""
+
+    level = "warning"
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -115,6 +128,37 @@ class ResumableBatches:
         return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(skip, self.per_epoch)]
 
 
+class StopSignals:
+    """While active, SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before a time limit with
+    `--signal=USR1@120`) only record that a stop was asked for; the loop checkpoints at the end of
+    the step and exits. A second signal of the same kind kills at once (the checkpoint write in
+    progress is atomic anyway)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self) -> StopSignals:
+        for signum in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another process"
+
+
 class Trainer:
     """Holds G, D, their EMA and optimisers, and runs the game for `config.train.max_steps` steps."""
 
@@ -126,9 +170,9 @@ class Trainer:
         run_dir: Path,
         runtime: Runtime,
         fingerprint: dict[str, Any] | None = None,
-        resume: dict[str, Any] | None = None,
+        resume: TrainingState | None = None,
         on_step: StepCallback | None = None,
-        sample_affine: list[list[float]] | None = None,
+        on_event: EventCallback | None = None,
     ):
         self.config = config
         self.plan = plan
@@ -136,14 +180,15 @@ class Trainer:
         self.runtime = runtime
         self.device = runtime.device
         self.fingerprint = fingerprint or {}
-        self.sample_affine = sample_affine
         self.on_step = on_step
+        self.on_event = on_event
         self.bf16 = use_bf16(config, self.device)
         train = config.train
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
         generator, discriminator = build_models(config.model, plan.target_shape)
         memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
+        # The modules that own the weights: checkpoints, the EMA and previews use these.
         self.generator = generator.to(self.device, memory_format=memory_format)
         self.discriminator = discriminator.to(self.device, memory_format=memory_format)
         self.memory_format = memory_format
@@ -154,18 +199,23 @@ class Trainer:
         self.opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=train.lr_discriminator, betas=(train.beta1, train.beta2)
         )
-        # The modules the step functions call: DDP wrappers and compiled versions when asked for.
-        self.g_step_model: nn.Module = self.generator
-        self.d_step_model: nn.Module = self.discriminator
+        # The handles each half of the step calls, named by role. A network is called through its
+        # DDP wrapper (gradients averaged over ranks) and compiled version only in the half that
+        # updates it. The other half calls the plain module: in the G step D is frozen, so DDP
+        # would have no gradient to average and would only re-broadcast D's buffers; in the D step
+        # G runs without gradients at all.
+        self.generator_in_g_step: nn.Module = self.generator
+        self.discriminator_in_d_step: nn.Module = self.discriminator
+        self.discriminator_in_g_step: nn.Module = self.discriminator
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.g_step_model = DDP(self.generator, device_ids=ids)
-            self.d_step_model = DDP(self.discriminator, device_ids=ids)
+            self.generator_in_g_step = DDP(self.generator, device_ids=ids)
+            self.discriminator_in_d_step = DDP(self.discriminator, device_ids=ids)
         if train.compile:
-            self.g_step_model = torch.compile(self.g_step_model)
-            self.d_step_model = torch.compile(self.d_step_model)
+            self.generator_in_g_step = torch.compile(self.generator_in_g_step)
+            self.discriminator_in_d_step = torch.compile(self.discriminator_in_d_step)
 
         self.dataset = CachedVolumeDataset(volume_paths, config.augment, seed=config.seed)
         self.batches = ResumableBatches(len(self.dataset), train.batch_size, config.seed, runtime)
@@ -174,12 +224,7 @@ class Trainer:
         )
         # Each rank draws different noise; the stream is part of the checkpoint.
         self.latent_rng = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 1 + runtime.rank)
-        self.diff_policy = parse_policy(config.augment.diff_augment)
-        if train.batch_size % config.model.pack:
-            raise TrainingStopped(
-                f"train.batch_size ({train.batch_size}) must be a multiple of model.pack ({config.model.pack})",
-                exit_code=2,
-            )
+        self.diff_policy = config.augment.diff_augment_policy
         self.augment_rng = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 500 + runtime.rank)
         self.preview_noise = sample_latent(
             train.preview_samples,
@@ -193,13 +238,13 @@ class Trainer:
         self.rollbacks = 0
         self.d_win_streak = 0
         self._real_iterator: Iterator[torch.Tensor] | None = None
-        self._stop_signal: int | None = None
         self.last_good_step: int | None = None
         if resume is not None:
             self._restore(resume)
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)
+        self._throughput_start, self._throughput_steps = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ data
 
@@ -243,32 +288,38 @@ class Trainer:
         c = self.config
         return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
 
-    def _for_d(self, volumes: torch.Tensor) -> torch.Tensor:
-        """What D sees: DiffAugment's random, differentiable transforms when configured, and
-        packs of `model.pack` volumes stacked as channels (PacGAN)."""
+    def run_discriminator(self, volumes: torch.Tensor, discriminator: nn.Module) -> torch.Tensor:
+        """Everything D judges passes here, so every D call sees the same transforms: DiffAugment's
+        random, differentiable transforms (when configured), then packs of `model.pack` volumes
+        stacked as channels (PacGAN), then `discriminator` (the handle of the half that calls).
+
+        volumes (B, 1, X, Y, Z) -> logits (B / pack,), float32 for the losses.
+        """
+        volumes = volumes.contiguous(memory_format=self.memory_format)
         if self.diff_policy:
             volumes = diff_augment(volumes, self.diff_policy, self.augment_rng)
         pack = self.config.model.pack
         if pack > 1:
             batch, _, *spatial = volumes.shape
             volumes = volumes.reshape(batch // pack, pack, *spatial)  # (B / pack, pack, X, Y, Z)
-        return volumes
+        return discriminator(volumes).float()  # (B / pack,)
 
-    def _update_discriminator(self, real: torch.Tensor) -> dict[str, float]:
+    def update_discriminator(self, real: torch.Tensor) -> dict[str, float]:
+        """One D update: real (B, 1, X, Y, Z) called real, G's detached fakes called fake."""
         loss_config = self.config.loss
+        discriminator = self.discriminator_in_d_step
         batch = real.shape[0]
         with torch.no_grad(), self._autocast():
             fake = self.generator(self._noise(batch)).float()  # (B, 1, X, Y, Z), no graph back to G
-        fake = fake.contiguous(memory_format=self.memory_format)
         if loss_config.r1_gamma > 0:
-            real = real.detach().requires_grad_(True)
+            real = real.detach().requires_grad_(True)  # R1 differentiates D's output w.r.t. the input
         with self._autocast():
-            real_logits = self.d_step_model(self._for_d(real)).float()  # (B,)
-            fake_logits = self.d_step_model(self._for_d(fake)).float()  # (B,)
+            real_logits = self.run_discriminator(real, discriminator)  # (B / pack,)
+            fake_logits = self.run_discriminator(fake, discriminator)  # (B / pack,)
         loss = discriminator_loss(loss_config.name, real_logits, fake_logits)
         extra: dict[str, float] = {}
         if loss_config.name == "wgan_gp":
-            penalty = gradient_penalty(self.d_step_model, real.detach(), fake)
+            penalty = gradient_penalty(lambda v: self.run_discriminator(v, discriminator), real.detach(), fake)
             loss = loss + loss_config.gp_weight * penalty
             extra["gradient_penalty"] = float(penalty.detach())
         if loss_config.r1_gamma > 0:
@@ -287,12 +338,13 @@ class Trainer:
             **extra,
         }
 
-    def _update_generator(self, batch: int) -> dict[str, float]:
+    def update_generator(self, batch: int) -> dict[str, float]:
+        """One G update on `batch` fresh fakes, with flipped labels: make D call them real."""
         self.discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D
         try:
             with self._autocast():
-                fake = self.g_step_model(self._noise(batch))  # (B, 1, X, Y, Z)
-                logits = self.discriminator(self._for_d(fake.contiguous(memory_format=self.memory_format))).float()
+                fake = self.generator_in_g_step(self._noise(batch))  # (B, 1, X, Y, Z)
+                logits = self.run_discriminator(fake, self.discriminator_in_g_step)  # (B / pack,)
             loss = generator_loss(self.config.loss.name, logits)
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
@@ -302,23 +354,20 @@ class Trainer:
             self.discriminator.requires_grad_(True)
         return {"loss_g": float(loss.detach()), "grad_norm_g": float(grad_norm)}
 
-    def _update_ema(self) -> None:
-        update_ema(self.ema, self.generator, self.step, self.config.train.ema_decay)
-
     def train_step(self) -> dict[str, float]:
-        """One generator update, after `d_steps_per_g` discriminator updates."""
+        """One generator update, after `d_steps_per_g` discriminator updates, then the EMA."""
         for _ in range(self.config.loss.d_steps_per_g):
             real = self._next_real()
-            record = self._update_discriminator(real)
-        record.update(self._update_generator(real.shape[0]))
-        self._update_ema()
+            record = self.update_discriminator(real)
+        record.update(self.update_generator(real.shape[0]))
+        update_ema(self.ema, self.generator, self.step, self.config.train.ema_decay)
         self.step += 1
         return record
 
     # ------------------------------------------------------------------ state
 
-    def _rng_state(self) -> dict[str, Any]:
-        state = {
+    def _rng_state(self) -> RngState:
+        state: RngState = {
             "torch_cpu": torch.get_rng_state(),
             "latent": self.latent_rng.get_state(),
             "augment": self.augment_rng.get_state(),
@@ -327,7 +376,8 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> TrainingState:
+        """Everything a checkpoint holds besides its header (checkpoint.TrainingState)."""
         summary = {k: v for k, v in self.fingerprint.items() if k != "sources"}
         summary.pop("outliers", None)  # names of files: not for a checkpoint that may be shared
         return {
@@ -335,7 +385,6 @@ class Trainer:
             "config": config_to_dict(self.config),
             "plan": self.plan.to_dict(),
             "fingerprint": summary,
-            "sample_affine": self.sample_affine,
             "world_size": self.runtime.world_size,
             "generator": self.generator.state_dict(),
             "generator_ema": self.ema.state_dict(),
@@ -344,10 +393,10 @@ class Trainer:
             "optimizer_discriminator": self.opt_d.state_dict(),
             "rng": self._rng_state(),
             "data": {"epoch": self.position.epoch, "batch": self.position.batch},
-            "guard": {"rollbacks": self.rollbacks, "d_win_streak": self.d_win_streak},
+            "guard": GuardState(rollbacks=self.rollbacks, d_win_streak=self.d_win_streak),
         }
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: TrainingState) -> None:
         self.generator.load_state_dict(payload["generator"])
         self.discriminator.load_state_dict(payload["discriminator"])
         self.ema.load_state_dict(payload["generator_ema"])
@@ -412,7 +461,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ guard
 
-    def _diverged(self, record: dict[str, float]) -> str | None:
+    def diverged(self, record: dict[str, float]) -> str | None:
+        """Why this step's record shows divergence, or None. Counts D's winning streak."""
         if not all(math.isfinite(record[k]) for k in ("loss_d", "loss_g")):
             return f"a non-finite loss at step {self.step} (D {record['loss_d']}, G {record['loss_g']})"
         if self.config.loss.name == "non_saturating" and record["d_fake"] < 0.01 and record["d_real"] > 0.99:
@@ -426,7 +476,8 @@ class Trainer:
             )
         return None
 
-    def _handle_divergence(self, reason: str) -> None:
+    def _roll_back(self, reason: str) -> None:
+        """Go back to the last checkpoint with halved learning rates, or stop if that is spent."""
         advice = "try a lower train.lr_discriminator, model.spectral_norm=true or loss.r1_gamma=1"
         train = self.config.train
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -445,78 +496,82 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] *= 0.5
         self.latent_rng.manual_seed(self.config.seed * 1000 + 1 + self.runtime.rank + 7919 * rollbacks)
-        self._log_event(
+        self._event(
             f"divergence guard: {reason}; rolled back to step {self.step} with halved learning rates "
             f"(rollback {rollbacks} of {train.max_rollbacks})"
         )
 
-    def _log_event(self, message: str) -> None:
-        if self.runtime.is_main and self.on_step is not None:
-            self.on_step(self.step, {"event": message})
+    def _event(self, message: str) -> None:
+        if self.runtime.is_main and self.on_event is not None:
+            self.on_event(message)
 
     # ------------------------------------------------------------------ the loop
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-        # A second Ctrl-C kills at once; the checkpoint write in progress is atomic anyway.
-        signal.signal(signum, signal.SIG_DFL)
-
     def fit(self) -> int:
         """Train to max_steps. Returns the final step. Raises TrainingStopped on a signal or guard stop."""
-        train = self.config.train
-        handlers = {}
-        # SIGUSR1: what SLURM sends before a time limit with `--signal=USR1@120`.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
-                handlers[signum] = signal.signal(signum, self._on_signal)
-        try:
-            if self.runtime.is_main:
-                remove_interrupted_writes(self.run_dir / "checkpoints")
-            if self.step == 0:
-                self.save_real_preview()
-                if self.runtime.is_main and not (self.run_dir / "checkpoints" / "last.pt").exists():
-                    self.save()  # step 0: the divergence guard always has somewhere to go back to
-            window_start, window_steps = time.perf_counter(), 0
-            while self.step < train.max_steps:
+        with StopSignals() as stop, contextlib.closing(self.metrics):
+            self._start()
+            while self.step < self.config.train.max_steps:
                 record = self.train_step()
-                window_steps += 1
-                reason = self._diverged(record)
-                if any_rank(self.runtime, reason is not None):
-                    self._handle_divergence(reason or "another process diverged")
-                    continue
-                elapsed = time.perf_counter() - window_start
-                steps_per_s = window_steps / max(elapsed, 1e-9)
-                volumes = train.batch_size * self.runtime.world_size * self.config.loss.d_steps_per_g
-                record.update(
-                    step=self.step,
-                    epoch=self.position.epoch,
-                    lr_g=self.opt_g.param_groups[0]["lr"],
-                    lr_d=self.opt_d.param_groups[0]["lr"],
-                    steps_per_s=steps_per_s,
-                    volumes_per_s=steps_per_s * volumes,
-                    time=time.time(),
-                )
-                self.metrics.write(record)
-                if self.on_step is not None and self.runtime.is_main:
-                    self.on_step(self.step, record)
-                if self.step % train.log_every == 0:
-                    window_start, window_steps = time.perf_counter(), 0
-                if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
-                    self.save()
-                if self.step % train.preview_every == 0 or self.step == train.max_steps:
-                    self.preview()
-                if any_rank(self.runtime, self._stop_signal is not None):
-                    if self.step % train.checkpoint_every != 0 and self.step != train.max_steps:
-                        self.save()
-                    name = (
-                        signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another process"
-                    )
-                    raise TrainingStopped(
-                        f"stopped by {name} at step {self.step}; checkpoint saved. Run the same command again to resume",
-                        exit_code=128 + (self._stop_signal or signal.SIGTERM),
-                    )
-            return self.step
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            self.metrics.close()
+                if self._guard(record):
+                    continue  # rolled back: the step is redone from the last checkpoint
+                self._log(record)
+                self._end_of_step(stop)
+        return self.step
+
+    def _start(self) -> None:
+        """Clear what a killed run left behind; on a fresh run, the real preview and a step-0
+        checkpoint, so the divergence guard always has somewhere to go back to."""
+        if self.runtime.is_main:
+            remove_interrupted_writes(self.run_dir / "checkpoints")
+        if self.step == 0:
+            self.save_real_preview()
+            if self.runtime.is_main and not (self.run_dir / "checkpoints" / "last.pt").exists():
+                self.save()
+        self._throughput_start, self._throughput_steps = time.perf_counter(), 0
+
+    def _guard(self, record: dict[str, float]) -> bool:
+        """True if the step diverged (on any rank) and the run rolled back; stops if it cannot."""
+        self._throughput_steps += 1
+        reason = self.diverged(record)
+        if not any_rank(self.runtime, reason is not None):
+            return False
+        self._roll_back(reason or "another process diverged")
+        return True
+
+    def _log(self, record: dict[str, float]) -> None:
+        """Complete the step's record (learning rates, throughput) and write it to metrics and the display."""
+        train = self.config.train
+        elapsed = time.perf_counter() - self._throughput_start
+        steps_per_s = self._throughput_steps / max(elapsed, 1e-9)
+        volumes = train.batch_size * self.runtime.world_size * self.config.loss.d_steps_per_g
+        record.update(
+            step=self.step,
+            epoch=self.position.epoch,
+            lr_g=self.opt_g.param_groups[0]["lr"],
+            lr_d=self.opt_d.param_groups[0]["lr"],
+            steps_per_s=steps_per_s,
+            volumes_per_s=steps_per_s * volumes,
+            time=time.time(),
+        )
+        self.metrics.write(record)
+        if self.on_step is not None and self.runtime.is_main:
+            self.on_step(self.step, record)
+        if self.step % train.log_every == 0:  # throughput over the last log window
+            self._throughput_start, self._throughput_steps = time.perf_counter(), 0
+
+    def _end_of_step(self, stop: StopSignals) -> None:
+        """Checkpoint and preview on schedule; on a stop signal (on any rank), checkpoint and stop."""
+        train = self.config.train
+        scheduled_checkpoint = self.step % train.checkpoint_every == 0 or self.step == train.max_steps
+        if scheduled_checkpoint:
+            self.save()
+        if self.step % train.preview_every == 0 or self.step == train.max_steps:
+            self.preview()
+        if any_rank(self.runtime, stop.received is not None):
+            if not scheduled_checkpoint:
+                self.save()
+            raise TrainingStopped(
+                f"stopped by {stop.name} at step {self.step}; checkpoint saved. Run the same command again to resume",
+                exit_code=128 + (stop.received or signal.SIGTERM),
+            )

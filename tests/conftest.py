@@ -24,6 +24,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Six 32³ CT head phantoms at 6 mm, shared read-only by every test that trains."""
+    from medsynth.phantoms import write_phantoms
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(folder, 6, shape=(32, 32, 32), spacing=6.0)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder: no test sees another's cached volumes, or the user's."""

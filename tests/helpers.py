@@ -7,7 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def cpu_runtime():
+    """The single-process CPU runtime most tests train in."""
+    import torch
+
+    from medsynth.distributed import Runtime
+
+    return Runtime(device=torch.device("cpu"))
+
+
+def tiny_config(*overrides: str):
+    """configs/tiny.yaml (16³, a few channels, 6 steps) with `--set`-style overrides."""
+    from medsynth.config import load_config
+
+    return load_config(CONFIGS / "tiny.yaml", list(overrides))
 
 
 def blob_volume(shape=(20, 24, 16), seed=0, low=0.0, high=1000.0) -> np.ndarray:

@@ -19,17 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import blob_volume, write_dicom_series
+from helpers import CONFIGS, blob_volume, cpu_runtime, write_dicom_series
 from reliability_report import record
 
 from medsynth.checkpoint import load_checkpoint
 from medsynth.config import load_config
-from medsynth.distributed import Runtime
-from medsynth.phantoms import write_phantoms
 from medsynth.runs import train_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CPU = Runtime(device=torch.device("cpu"))
+CPU = cpu_runtime()
 STEPS = 80
 # Checkpoint every step, so kills land inside checkpoint writes often, and every resume point
 # is a checkpoint step of the uninterrupted run too (the condition for bit-identical weights).
@@ -48,13 +45,6 @@ TRAIN_ARGS = [
     "train.keep_checkpoints=1",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(folder, 6, shape=(32, 32, 32), spacing=6.0)
-    return folder
 
 
 def medsynth(*args) -> subprocess.Popen:

@@ -12,29 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS, cpu_runtime
+from helpers import tiny_config as tiny
 from reliability_report import record as record_reliability
 
 from medsynth.checkpoint import load_checkpoint
-from medsynth.config import load_config
-from medsynth.distributed import Runtime
+from medsynth.config import ConfigError
 from medsynth.metrics import read_metrics
-from medsynth.phantoms import write_phantoms
+from medsynth.pipeline import prepare_dataset
 from medsynth.runs import RunRefused, train_run
-from medsynth.train import Trainer, TrainingStopped
+from medsynth.train import Trainer, TrainingStopped, cpu_has_native_bf16
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CPU = Runtime(device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(folder, 6, shape=(32, 32, 32), spacing=6.0)
-    return folder
-
-
-def tiny(*overrides: str):
-    return load_config(CONFIGS / "tiny.yaml", list(overrides))
+CPU = cpu_runtime()
 
 
 def test_a_few_steps_give_finite_losses_a_checkpoint_previews_and_metrics(phantom_dir, tmp_path):
@@ -137,33 +126,37 @@ def test_corrupt_last_checkpoint_is_refused_clearly(phantom_dir, tmp_path):
         train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=4"), CPU)
 
 
-def _nan_after(trainer: Trainer, step: int):
-    """Poison D's weights once, during the update that makes step `step`."""
-    original = trainer._update_discriminator
-    fired = []
+def _trainer(phantom_dir, run_dir, config, trainer_class=Trainer, **kwargs) -> Trainer:
+    prepared = prepare_dataset(phantom_dir, config)
+    return trainer_class(config, prepared.plan, [e.path for e in prepared.entries], run_dir, CPU, **kwargs)
 
-    def update(real):
-        record = original(real)
-        if trainer.step + 1 == step and not fired:
-            fired.append(True)
+
+class PoisonedTrainer(Trainer):
+    """Poisons D's weights once, during the D update that makes step `poison_step`."""
+
+    poison_step = 5
+    poisoned = False
+
+    def update_discriminator(self, real):
+        record = super().update_discriminator(real)
+        if self.step + 1 == self.poison_step and not self.poisoned:
+            self.poisoned = True
             with torch.no_grad():
-                next(trainer.discriminator.parameters()).fill_(float("nan"))  # D's weights are now NaN
+                next(self.discriminator.parameters()).fill_(float("nan"))  # D's weights are now NaN
             record["loss_d"] = float("nan")
         return record
 
-    trainer._update_discriminator = update
 
+class OverconfidentTrainer(Trainer):
+    """Reports D as winning outright on every step."""
 
-def _trainer(phantom_dir, run_dir, config):
-    from medsynth.data import prepare_dataset
-
-    prepared = prepare_dataset(phantom_dir, config)
-    return Trainer(config, prepared.plan, [e.path for e in prepared.entries], run_dir, CPU)
+    def update_discriminator(self, real):
+        return {**super().update_discriminator(real), "d_real": 0.999, "d_fake": 0.001}
 
 
 def test_divergence_guard_stops_without_saving_nan_weights(phantom_dir, tmp_path):
-    trainer = _trainer(phantom_dir, tmp_path / "run", tiny("train.on_divergence=stop", "train.max_steps=8"))
-    _nan_after(trainer, 5)
+    config = tiny("train.on_divergence=stop", "train.max_steps=8")
+    trainer = _trainer(phantom_dir, tmp_path / "run", config, PoisonedTrainer)
     with pytest.raises(TrainingStopped, match="non-finite loss at step 5") as stopped:
         trainer.fit()
     assert "last good checkpoint is step 3" in str(stopped.value)
@@ -173,26 +166,94 @@ def test_divergence_guard_stops_without_saving_nan_weights(phantom_dir, tmp_path
 
 
 def test_divergence_guard_rolls_back_and_carries_on(phantom_dir, tmp_path):
-    events = []
-    trainer = _trainer(phantom_dir, tmp_path / "run", tiny("train.max_steps=8"))
-    trainer.on_step = lambda step, record: events.append(record.get("event"))
-    _nan_after(trainer, 5)
+    events, steps = [], []
+    trainer = _trainer(
+        phantom_dir,
+        tmp_path / "run",
+        tiny("train.max_steps=8"),
+        PoisonedTrainer,
+        on_event=events.append,
+        on_step=lambda step, record: steps.append(step),
+    )
     assert trainer.fit() == 8
-    assert any(e and "rolled back to step 3" in e for e in events)
+    assert len(events) == 1 and "rolled back to step 3" in events[0]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # step 5 diverged: back to 3, then 4 again; events are not steps
     assert trainer.rollbacks == 1 and trainer.opt_d.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert all(torch.isfinite(p).all() for p in trainer.discriminator.parameters())
 
 
 def test_d_winning_for_long_triggers_the_guard(phantom_dir, tmp_path):
-    trainer = _trainer(phantom_dir, tmp_path / "run", tiny("train.on_divergence=stop", "train.d_win_steps=2"))
-    original = trainer._update_discriminator
-
-    def confident(real):
-        return {**original(real), "d_real": 0.999, "d_fake": 0.001}
-
-    trainer._update_discriminator = confident
+    config = tiny("train.on_divergence=stop", "train.d_win_steps=2")
+    trainer = _trainer(phantom_dir, tmp_path / "run", config, OverconfidentTrainer)
     with pytest.raises(TrainingStopped, match="the discriminator has won"):
         trainer.fit()
+
+
+# Every way D can be called, with every stabiliser: two steps each. wgan_gp with pack 2 crashed on
+# step 1 when the gradient penalty called D on unpacked volumes.
+PRECISIONS = ["off", "bf16"] if cpu_has_native_bf16() else ["off"]
+
+
+@pytest.fixture(scope="module")
+def prepared_phantoms(phantom_dir, tmp_path_factory):
+    return prepare_dataset(phantom_dir, tiny(), cache_dir=tmp_path_factory.mktemp("smoke-cache"))
+
+
+@pytest.mark.parametrize("amp", PRECISIONS)
+@pytest.mark.parametrize("diff_augment", ["", "translation,cutout,contrast"])
+@pytest.mark.parametrize("pack", [1, 2])
+@pytest.mark.parametrize("loss", ["non_saturating", "hinge", "wgan_gp"])
+def test_two_steps_train_with_every_loss_pack_augmentation_and_precision(
+    prepared_phantoms, tmp_path, loss, pack, diff_augment, amp
+):
+    config = tiny(
+        f"loss.name={loss}", f"model.pack={pack}", f"augment.diff_augment={diff_augment}", f"train.amp='{amp}'"
+    )
+    paths = [e.path for e in prepared_phantoms.entries]
+    trainer = Trainer(config, prepared_phantoms.plan, paths, tmp_path / "run", CPU)
+    before_g = [p.detach().clone() for p in trainer.generator.parameters()]
+    before_d = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    for _ in range(2):
+        record = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in record.values()), record
+    assert ("gradient_penalty" in record) == (loss == "wgan_gp")
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, trainer.generator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_d, trainer.discriminator.parameters()))
+
+
+def test_every_discriminator_call_goes_through_run_discriminator(prepared_phantoms, tmp_path):
+    """Real, fake, R1, the gradient penalty and the G step: all packed and augmented alike."""
+    seen = []
+
+    class Recording(Trainer):
+        def run_discriminator(self, volumes, discriminator):
+            updating_d = next(discriminator.parameters()).requires_grad  # D is frozen in the G step
+            seen.append((tuple(volumes.shape), updating_d))
+            return super().run_discriminator(volumes, discriminator)
+
+    config = tiny("loss.name=wgan_gp", "loss.r1_gamma=1", "model.pack=2", "augment.diff_augment=translation")
+    Recording(config, prepared_phantoms.plan, [e.path for e in prepared_phantoms.entries], tmp_path, CPU).train_step()
+    volume = (2, 1, 16, 16, 16)
+    # D step: real, fake, interpolates for the penalty; G step: fakes through the frozen D.
+    assert seen == [(volume, True), (volume, True), (volume, True), (volume, False)]
+
+
+def test_pack_must_divide_the_batch_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"train.batch_size \(3\) must be a multiple of model.pack \(2\)"):
+        tiny("train.batch_size=3", "model.pack=2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_cuda_trains_and_resumes_bit_identically(phantom_dir, tmp_path):
+    from medsynth.distributed import Runtime
+
+    cuda = Runtime(device=torch.device("cuda"))
+    common = ("train.amp=bf16", "train.checkpoint_every=100", "train.preview_every=100")
+    train_run(phantom_dir, tmp_path / "whole", tiny("train.max_steps=6", *common), cuda)
+    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=3", *common), cuda)
+    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=6", *common), cuda)
+    _assert_identical(_state(tmp_path / "whole"), _state(tmp_path / "split"))
 
 
 def _cli(*args, env=None, **kwargs):
@@ -206,7 +267,15 @@ def _cli(*args, env=None, **kwargs):
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+# One handler serves all three (train.StopSignals); the default suite sends the scheduler's one.
+@pytest.mark.parametrize(
+    "signum",
+    [
+        signal.SIGTERM,
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+    ],
+)
 def test_signal_writes_a_checkpoint_and_exits_cleanly(phantom_dir, tmp_path, signum):
     run = tmp_path / "run"
     process = _cli(
@@ -283,7 +352,7 @@ def _free_port() -> int:
 
 def _ddp_parameters_worker(rank: int, world: int, port: int, phantom_dir: str, out_dir: str) -> None:
     from medsynth import distributed
-    from medsynth.data import prepare_dataset
+    from medsynth.pipeline import prepare_dataset
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
@@ -329,3 +398,27 @@ def test_two_process_ddp_keeps_parameters_identical(phantom_dir, tmp_path):
     # Only rank 0 wrote files.
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 4
+
+
+def test_train_uses_the_plan_inspect_saved_and_a_resume_refuses_another(run_cli, phantom_dir, tmp_path):
+    from medsynth.plan import Plan
+
+    saved = tmp_path / "plan.json"
+    code, _, err = run_cli("inspect", phantom_dir, "--config", CONFIGS / "tiny.yaml", "--set", "plan.spacing=[9,9,9]",
+                           "--save-plan", saved)  # fmt: skip
+    assert code == 0, err
+    train = ("train", phantom_dir, "-o", tmp_path / "run", "--config", CONFIGS / "tiny.yaml", "--max-steps", "1")
+    code, _, err = run_cli(*train, "--plan", saved)
+    assert code == 0, err
+    used = Plan.load(tmp_path / "run" / "plan.json")
+    assert used.spacing == (9.0, 9.0, 9.0) and used.output_affine is not None  # placed after preprocessing
+    assert Plan.from_dict(load_checkpoint(tmp_path / "run")["plan"]) == used
+    other = Plan.load(saved).to_dict() | {"spacing": [7.0, 7.0, 7.0]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    code, _, err = run_cli(*train[:-1], "2", "--plan", tmp_path / "other.json")
+    assert code == 2 and "another plan" in err and "Traceback" not in err
+    code, _, err = run_cli(*train[:-1], "2", "--plan", saved)  # the same plan resumes
+    assert code == 0 and "resuming" in err
+    (tmp_path / "broken.json").write_text("{")
+    code, _, err = run_cli(*train, "--plan", tmp_path / "broken.json")
+    assert code == 1 and "broken.json: not a plan" in err
