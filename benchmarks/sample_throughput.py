@@ -28,20 +28,26 @@ from medsynth.config import config_to_dict, load_config
 from medsynth.distributed import resolve_device
 from medsynth.io import cast_for_storage
 from medsynth.models import build_models
-from medsynth.sample import SampleRequest, generate, latent_for, run_sampling, to_real_units
+from medsynth.plan import Plan
+from medsynth.precision import machine_description
+from medsynth.sample import SampleRequest, generate, latent_for, run_sampling
 
 
 def make_checkpoint(folder: Path, size: int) -> Path:
     config = load_config(None, [f"plan.target_shape=[{size},{size},{size}]"])
     torch.manual_seed(0)
     generator, _ = build_models(config.model, (size, size, size))
-    plan = {
-        "modality": "ct",
-        "target_shape": [size] * 3,
-        "spacing": [1.0] * 3,
-        "window": [-1024.0, 2048.0],
-        "output_dtype": "int16",
-    }
+    plan = Plan(
+        modality="ct",
+        target_shape=(size, size, size),
+        spacing=(1.0, 1.0, 1.0),
+        deoblique=True,
+        intensity_mode="fixed",
+        window=(-1024.0, 2048.0),
+        percentiles=None,
+        output_dtype="int16",
+        n_sources=0,
+    ).to_dict()
     return save_checkpoint(
         folder / f"g{size}.pt",
         {
@@ -76,7 +82,7 @@ def benchmark_size(size: int, folder: Path, count: int, repeats: int, device: to
     generate(generator, latents[:4], device)  # warm-up
     t_generate = median_time(lambda: generate(generator, latents, device), repeats) / count
     volume = generate(generator, latents[:1], device)[0]
-    values = cast_for_storage(to_real_units(volume, payload["plan"]), "int16")
+    values = cast_for_storage(Plan.from_dict(payload["plan"]).to_real_units(volume), "int16")
     raw = nib.Nifti1Image(values, np.eye(4)).to_bytes()
     writers = {
         ".nii, uncompressed": lambda: raw,
@@ -113,7 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    print(f"device {device}, {torch.get_num_threads()} threads")
+    print(f"ran on: {machine_description(device)}; sampling runs in fp32 (the same voxels on every machine)")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             benchmark_size(size, Path(tmp), args.count, args.repeats, device)

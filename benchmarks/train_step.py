@@ -8,8 +8,10 @@ In one run, for each size:
   * a plain reference of the same network, as typical research code writes it: fp32, default
     memory format, and a loader that reads the NIfTI files with nibabel and resizes them with
     torch every step;
-and once, the machine's own Conv3d peak (a large 3x3x3 convolution, fp32 and bf16).
-Reports medians over the timed steps (after warm-up) and the ratios.
+and once, the machine's own Conv3d peak (a large 3x3x3 convolution: fp32, and bf16 only where the
+device runs it natively; emulated bf16 would take minutes and is never used).
+Reports medians over the timed steps (after warm-up) and the ratios, and first says where it ran:
+CPU model, cores, ISA features, torch and oneDNN versions, and the precision each step used.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from medsynth.config import load_config
 from medsynth.distributed import Runtime, resolve_device
 from medsynth.losses import discriminator_loss, generator_loss
 from medsynth.models import build_models
+from medsynth.precision import choose_precision, machine_description, native_bf16
 from medsynth.runs import describe_models
-from medsynth.train import Trainer, use_bf16
+from medsynth.train import Trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train" / "ixi-t1"
 
@@ -128,9 +131,11 @@ def main() -> None:
             files = write_phantoms(Path(tmp) / "phantoms", 16, shape=(96, 96, 96), spacing=2.0)
             print(f"no data at {args.data}: using 16 phantoms")
         data_dir = files[0].parent
+        print(f"ran on: {machine_description(device)}")
         fp32_peak = conv3d_peak(device, torch.float32)
-        bf16_peak = conv3d_peak(device, torch.bfloat16)
-        print(f"device {device}; Conv3d peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s\n")
+        bf16_peak = conv3d_peak(device, torch.bfloat16) if native_bf16(device) else None
+        bf16_text = f"{bf16_peak:.0f} GFLOP/s" if bf16_peak else "not native here, not measured"
+        print(f"device {device}; Conv3d peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_text}\n")
         rows = []
         for size in args.sizes:
             batch = args.batch_size if size <= 64 else max(1, args.batch_size // 4)
@@ -155,8 +160,9 @@ def main() -> None:
             trainer.metrics.close()
             reference = ReferenceLoop(config, prepared.plan.target_shape, files, device)
             plain = time_steps(reference.step, args.steps, device)
-            peak = bf16_peak if use_bf16(config, device) else fp32_peak
-            rows.append((size, batch, ours, plain, gflop, peak, use_bf16(config, device)))
+            bf16 = choose_precision(config.train.amp, device).bf16
+            peak = bf16_peak if bf16 and bf16_peak else fp32_peak
+            rows.append((size, batch, ours, plain, gflop, peak, bf16))
             print(
                 f"{size}³ batch {batch}: medsynth {batch / ours:6.2f} vol/s ({gflop / ours:5.0f} GFLOP/s, "
                 f"{gflop / ours / peak:4.0%} of the {'bf16' if rows[-1][-1] else 'fp32'} Conv3d peak) | "

@@ -50,6 +50,11 @@ class GuardState(TypedDict):
     d_win_streak: int  # consecutive steps on which D has won outright
 
 
+class PrecisionState(TypedDict):
+    bf16: bool  # whether the run trains under bf16 autocast
+    device_type: str  # "cpu" or "cuda": a resume on another kind of device chooses again
+
+
 class TrainingState(TypedDict):
     """What the Trainer puts in a checkpoint: all a resume needs, and all sampling needs."""
 
@@ -66,6 +71,7 @@ class TrainingState(TypedDict):
     rng: RngState
     data: DataState
     guard: GuardState
+    precision: PrecisionState  # absent from checkpoints written before it was recorded
 
 
 class Checkpoint(TrainingState):

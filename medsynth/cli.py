@@ -393,14 +393,18 @@ def _flops(gflops: float) -> str:
 
 def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     from medsynth import console
+    from medsynth.distributed import Runtime, resolve_device
     from medsynth.pipeline import fingerprint_folder
     from medsynth.plan import format_triple, make_plan
-    from medsynth.runs import describe_models
+    from medsynth.precision import bf16_time_ratio, choose_precision, cpu_description, native_bf16
+    from medsynth.runs import describe_models, time_training_step
 
     with console.progress_reporter() as progress:
         found = fingerprint_folder(scan_dir, settings, progress=progress)
     plan = plan or make_plan(found.fingerprint, settings.plan)
     sizes = describe_models(settings, plan)
+    device = resolve_device(settings.train.device)
+    machine = cpu_description() if device.type == "cpu" else str(device)
     rows = [
         ["volumes", f"{len(found.sources)} usable, {len(found.discovery.problems)} skipped"],
         ["volume shape", format_triple(sizes["volume_shape"], 0) + f" at {format_triple(plan.spacing)} mm"],
@@ -416,8 +420,32 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
             "one training step",
             f"{_flops(sizes['gflops_per_step'])} at batch {sizes['batch_size']} (forward + backward)",
         ],
+        ["device", f"{device}: {machine}"],
     ]
+    # One real step in each precision this device runs natively; emulated bf16 is never timed,
+    # since one step of it can take minutes: the small probe's ratio says enough.
+    runtime = Runtime(device=device)
+    timed = {"fp32": time_training_step(settings, plan, runtime, "off")}
+    if native_bf16(device):
+        timed["bf16"] = time_training_step(settings, plan, runtime, "bf16")
+    for name, seconds in timed.items():
+        rate = sizes["batch_size"] / seconds
+        rows.append(
+            [
+                f"step time, {name}",
+                f"{seconds:.2f} s ({rate:.1f} volumes/s, {_flops(sizes['gflops_per_step'] / seconds)}/s)",
+            ]
+        )
+    if "bf16" not in timed and device.type == "cpu":
+        ratio = bf16_time_ratio(str(device))
+        rows.append(
+            ["step time, bf16", f"not timed: emulated on this CPU (a Conv3d measured {ratio:.0f}x slower than fp32)"]
+        )
+    choice = choose_precision(settings.train.amp, device)
+    rows.append(["training will use", choice.reason])
     console.out.print(console.table("Dry run: nothing trained", ["", ""], rows, show_header=False))
+    if choice.warning:
+        console.warn(choice.warning)
 
 
 def main() -> None:

@@ -209,8 +209,10 @@ def train_run(
     say(
         f"training on {len(prepared.entries)} volumes of {format_triple(prepared.plan.target_shape, 0)} "
         f"at {prepared.plan.spacing[0]:g} mm, {runtime.world_size} process(es) on {runtime.device}"
-        + (", bf16 autocast" if trainer.bf16 else "")
+        + f", {trainer.precision.reason}"
     )
+    if trainer.precision.warning and runtime.is_main:
+        (on_event or say)(trainer.precision.warning)
     step = trainer.fit()
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
@@ -242,3 +244,36 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
         "gflops_per_step": (config.loss.d_steps_per_g * d_step + g_step) / 1e9,
         "batch_size": batch,
     }
+
+
+def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, steps: int = 2) -> float:
+    """Seconds of one real training step (D and G updates and the EMA) at the configured shape,
+    width and batch, in precision `amp` ("off" or "bf16"), on random volumes: the median of
+    `steps` steps after one warm-up step (which creates oneDNN's primitives)."""
+    import statistics
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from medsynth.config import replace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(config.train.batch_size):
+            path = Path(tmp) / f"volume{i}.npy"
+            np.save(path, rng.uniform(-1, 1, plan.target_shape).astype(np.float32))
+            paths.append(str(path))
+        timed = replace(config, train=replace(config.train, amp=amp, loader_workers=0, compile=False))
+        trainer = Trainer(timed, plan, paths, Path(tmp) / "run", runtime)
+        try:
+            trainer.train_step()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                times.append(time.perf_counter() - start)
+        finally:
+            trainer.metrics.close()
+    return statistics.median(times)

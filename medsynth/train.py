@@ -35,6 +35,7 @@ from torch import nn
 
 from medsynth.checkpoint import (
     GuardState,
+    PrecisionState,
     RngState,
     TrainingState,
     all_finite,
@@ -54,6 +55,7 @@ from medsynth.losses import discriminator_confidence, discriminator_loss, genera
 from medsynth.metrics import MetricsLog
 from medsynth.models import build_models, sample_latent
 from medsynth.plan import Plan
+from medsynth.precision import PrecisionChoice, choose_precision, native_bf16
 from medsynth.preview import save_montage
 
 # Log callback: (step, metrics) -> None. The CLI draws progress with it; tests pass None.
@@ -76,26 +78,6 @@ class TrainingStopped(MedsynthError):
 class DataPosition:
     epoch: int = 0
     batch: int = 0  # batches already used in this epoch
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slow."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def use_bf16(config: Config, device: torch.device) -> bool:
-    """bf16 autocast: always on CUDA (with bf16 support); on CPU only with native bf16, where it
-    measured 2.1x faster than fp32 for these networks and trained as stably (docs/benchmarks.md)."""
-    if config.train.amp == "bf16":
-        return True
-    if config.train.amp == "off":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 class ResumableBatches:
@@ -182,7 +164,8 @@ class Trainer:
         self.fingerprint = fingerprint or {}
         self.on_step = on_step
         self.on_event = on_event
-        self.bf16 = use_bf16(config, self.device)
+        self.precision = self._choose_precision(resume)
+        self.bf16 = self.precision.bf16
         train = config.train
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
@@ -245,6 +228,23 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)
         self._throughput_start, self._throughput_steps = time.perf_counter(), 0
+
+    def _choose_precision(self, resume: TrainingState | None) -> PrecisionChoice:
+        """train.amp=auto keeps a resumed run in the precision it started in, on the same kind of
+        device, while that precision is still native here: a requeued job must not change its
+        arithmetic on a new measurement. Anything else chooses afresh."""
+        choice = choose_precision(self.config.train.amp, self.device)
+        saved = resume.get("precision") if resume else None
+        if (
+            self.config.train.amp == "auto"
+            and saved
+            and saved["device_type"] == self.device.type
+            and saved["bf16"] != choice.bf16
+            and (not saved["bf16"] or native_bf16(self.device))
+        ):
+            name = "bf16 autocast" if saved["bf16"] else "fp32"
+            return PrecisionChoice(saved["bf16"], f"{name}, as this run started (a resumed run keeps its precision)")
+        return choice
 
     # ------------------------------------------------------------------ data
 
@@ -394,6 +394,7 @@ class Trainer:
             "rng": self._rng_state(),
             "data": {"epoch": self.position.epoch, "batch": self.position.batch},
             "guard": GuardState(rollbacks=self.rollbacks, d_win_streak=self.d_win_streak),
+            "precision": PrecisionState(bf16=self.bf16, device_type=self.device.type),
         }
 
     def _restore(self, payload: TrainingState) -> None:

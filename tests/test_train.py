@@ -20,8 +20,9 @@ from medsynth.checkpoint import load_checkpoint
 from medsynth.config import ConfigError
 from medsynth.metrics import read_metrics
 from medsynth.pipeline import prepare_dataset
+from medsynth.precision import cpu_has_native_bf16
 from medsynth.runs import RunRefused, train_run
-from medsynth.train import Trainer, TrainingStopped, cpu_has_native_bf16
+from medsynth.train import Trainer, TrainingStopped
 
 CPU = cpu_runtime()
 
