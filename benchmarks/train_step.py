@@ -1,6 +1,6 @@
 """Training throughput at 32³, 64³ and 128³, against the machine's peak and a plain reference.
 
-    python benchmarks/train_step.py [--sizes 32 64 128] [--steps 5] [--data DIR] [--device cpu]
+    python benchmarks/train_step.py [--sizes 32 64 128] [--steps 5] [--data DIR] [--device cpu] [--set key=value]
 
 In one run, for each size:
   * medsynth's Trainer step on the memory-mapped cache (bf16 autocast where the device has it),
@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="a medsynth setting, e.g. loss.r1_interval=16"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     runtime = Runtime(device=device)
@@ -147,6 +150,7 @@ def main() -> None:
                     f"train.batch_size={batch}",
                     "train.max_steps=1000000",
                     "cache.workers=2",
+                    *args.overrides,
                 ],
             )
             from medsynth.pipeline import prepare_dataset

@@ -48,6 +48,9 @@ def _root(
 
 CONFIG_HELP = "YAML config file (see configs/). Settings: defaults < this file < --set < flags."
 SET_HELP = "Override one setting, e.g. --set plan.target_shape=[128,128,64]. Repeatable."
+THREADS_HELP = (
+    "Compute threads for this process (default: one per available core). Give each of several processes its share."
+)
 
 
 class OutputFormat(str, enum.Enum):
@@ -153,6 +156,7 @@ def train(
         False, "--force", help="Start over in a run folder that holds a run with other settings."
     ),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     max_steps: int | None = typer.Option(
         None, "--max-steps", min=1, help="Generator updates to train to (train.max_steps)."
     ),
@@ -178,6 +182,7 @@ def train(
     if seed is not None:
         settings = replace(settings, seed=seed)
     plan = Plan.load(plan_file) if plan_file else None
+    _set_threads(threads)
     if dry_run:
         _dry_run(scan_dir, settings, plan)
         return
@@ -202,6 +207,13 @@ def train(
             f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
             f"metrics in {output / 'metrics.jsonl'}"
         )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        from medsynth.distributed import set_threads
+
+        set_threads(threads)
 
 
 @contextlib.contextmanager
@@ -242,6 +254,7 @@ def sample(
         8, "--batch-size", min=1, help="Volumes generated at a time (memory); the voxels do not depend on it."
     ),
     device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     file_format: OutputFormat = typer.Option(
         OutputFormat.nifti, "--format", help="nifti (.nii.gz files) or dicom (a series folder per sample)."
     ),
@@ -258,6 +271,7 @@ def sample(
     from medsynth.distributed import resolve_device
     from medsynth.sample import SampleRequest, Shard, run_sampling
 
+    _set_threads(threads)
     request = SampleRequest(
         checkpoint=source,
         count=count,
@@ -293,12 +307,14 @@ def demo(
     samples: int = typer.Option(8, "--samples", min=1, help="Synthetic volumes to write."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda ..."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Start the demo's training over instead of resuming it."),
 ) -> None:
     """Run the whole pipeline on built-in head phantoms: train briefly, sample, write previews."""
     from medsynth import console
     from medsynth.demo import demo_config, run_demo
 
+    _set_threads(threads)
     # Batches must fill a whole number of PacGAN packs (model.pack = 2): round down to even.
     batch_size = max(2, min(8, phantoms) // 2 * 2)
     settings = demo_config(steps, int(size.value), [f"train.batch_size={batch_size}", *set_, f"train.device={device}"])
@@ -346,6 +362,7 @@ def evaluate(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice (folds, permutations, bootstrap)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ) -> None:
     """Realism (C2ST, MMD, PRDC, W1), diversity (MS-SSIM) and a memorisation audit, with intervals."""
@@ -355,6 +372,7 @@ def evaluate(
     from medsynth.plan import Plan
 
     settings = _load_config(config, set_)
+    _set_threads(threads)
     plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
     with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
         report = run_evaluation(

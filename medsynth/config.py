@@ -189,12 +189,22 @@ class LossConfig:
     gp_weight: float = 10.0  # wgan_gp only
     # R1 penalty gamma/2 * E||grad_x D(x)||^2 on real data (Mescheder 2018); 0 turns it off.
     r1_gamma: float = 1.0
+    # Lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every `r1_interval`-th D update only,
+    # scaled by the interval so that its average pull is the same. Each R1 step doubles D's
+    # backward pass on the real batch; 1 computes it on every update.
+    r1_interval: int = 1
     d_steps_per_g: int = 1
+    # With one D update per G update, compute G(z) once: D's update sees it detached, G's update
+    # reuses it with gradients (as PyTorch's DCGAN example does), instead of a second G forward on
+    # fresh noise. Saves one G forward per step.
+    share_fake: bool = False
     latent_prior: Literal["normal", "uniform"] = "normal"
 
     def __post_init__(self) -> None:
         if self.d_steps_per_g < 1:
             raise ConfigError(f"loss.d_steps_per_g must be at least 1, got {self.d_steps_per_g}")
+        if self.r1_interval < 1:
+            raise ConfigError(f"loss.r1_interval must be at least 1, got {self.r1_interval}")
         if self.r1_gamma < 0 or self.gp_weight < 0:
             raise ConfigError("loss.r1_gamma and loss.gp_weight must not be negative")
 

@@ -88,3 +88,11 @@ def any_rank(runtime: Runtime, flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=runtime.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def set_threads(threads: int | None) -> None:
+    """Compute threads of this process (`--threads`); None keeps torch's default (one per core it
+    may run on). Give each of several processes on one machine its share, or match a scheduler's
+    allocation (SLURM's --cpus-per-task)."""
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -304,14 +304,20 @@ class Trainer:
             volumes = volumes.reshape(batch // pack, pack, *spatial)  # (B / pack, pack, X, Y, Z)
         return discriminator(volumes).float()  # (B / pack,)
 
-    def update_discriminator(self, real: torch.Tensor) -> dict[str, float]:
-        """One D update: real (B, 1, X, Y, Z) called real, G's detached fakes called fake."""
+    def update_discriminator(
+        self, real: torch.Tensor, fake: torch.Tensor | None = None, with_r1: bool = True
+    ) -> dict[str, float]:
+        """One D update: real (B, 1, X, Y, Z) called real, G's fakes called fake. `fake`, when
+        given, is G's output of this step, detached here; otherwise G runs on fresh noise without
+        gradients. `with_r1`: whether this update carries the (lazy) R1 penalty."""
         loss_config = self.config.loss
         discriminator = self.discriminator_in_d_step
-        batch = real.shape[0]
-        with torch.no_grad(), self._autocast():
-            fake = self.generator(self._noise(batch)).float()  # (B, 1, X, Y, Z), no graph back to G
-        if loss_config.r1_gamma > 0:
+        if fake is None:
+            with torch.no_grad(), self._autocast():
+                fake = self.generator(self._noise(real.shape[0]))  # (B, 1, X, Y, Z)
+        fake = fake.detach().float()  # no graph back to G
+        r1 = loss_config.r1_gamma > 0 and with_r1
+        if r1:
             real = real.detach().requires_grad_(True)  # R1 differentiates D's output w.r.t. the input
         with self._autocast():
             real_logits = self.run_discriminator(real, discriminator)  # (B / pack,)
@@ -322,9 +328,10 @@ class Trainer:
             penalty = gradient_penalty(lambda v: self.run_discriminator(v, discriminator), real.detach(), fake)
             loss = loss + loss_config.gp_weight * penalty
             extra["gradient_penalty"] = float(penalty.detach())
-        if loss_config.r1_gamma > 0:
+        if r1:
             penalty = r1_penalty(real_logits, real)
-            loss = loss + 0.5 * loss_config.r1_gamma * penalty
+            # Lazy R1 is scaled by its interval, so its average pull matches R1 on every update.
+            loss = loss + 0.5 * loss_config.r1_gamma * loss_config.r1_interval * penalty
             extra["r1"] = float(penalty.detach())
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
@@ -338,12 +345,17 @@ class Trainer:
             **extra,
         }
 
-    def update_generator(self, batch: int) -> dict[str, float]:
-        """One G update on `batch` fresh fakes, with flipped labels: make D call them real."""
+    def generate_for_update(self, batch: int) -> torch.Tensor:
+        """G(z) on fresh noise with gradients, for G's update: (B, 1, X, Y, Z)."""
+        with self._autocast():
+            return self.generator_in_g_step(self._noise(batch))
+
+    def update_generator(self, fake: torch.Tensor) -> dict[str, float]:
+        """One G update on this step's fakes (with their graph back to G), with flipped labels:
+        make D call them real."""
         self.discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D
         try:
             with self._autocast():
-                fake = self.generator_in_g_step(self._noise(batch))  # (B, 1, X, Y, Z)
                 logits = self.run_discriminator(fake, self.discriminator_in_g_step)  # (B / pack,)
             loss = generator_loss(self.config.loss.name, logits)
             self.opt_g.zero_grad(set_to_none=True)
@@ -356,10 +368,17 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One generator update, after `d_steps_per_g` discriminator updates, then the EMA."""
-        for _ in range(self.config.loss.d_steps_per_g):
+        loss_config = self.config.loss
+        shared = loss_config.share_fake and loss_config.d_steps_per_g == 1
+        for i in range(loss_config.d_steps_per_g):
             real = self._next_real()
-            record = self.update_discriminator(real)
-        record.update(self.update_generator(real.shape[0]))
+            # Counted from the step, so a resumed run puts R1 on the same updates.
+            with_r1 = (self.step * loss_config.d_steps_per_g + i) % loss_config.r1_interval == 0
+            fake = self.generate_for_update(real.shape[0]) if shared else None
+            record = self.update_discriminator(real, fake, with_r1=with_r1)
+        if not shared:
+            fake = self.generate_for_update(real.shape[0])
+        record.update(self.update_generator(fake))
         update_ema(self.ema, self.generator, self.step, self.config.train.ema_decay)
         self.step += 1
         return record

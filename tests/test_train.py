@@ -95,7 +95,12 @@ def _assert_identical(a, b, path=""):
 
 
 @pytest.mark.parametrize(
-    "overrides", [(), ("augment.intensity_jitter=0.1", "loss.r1_gamma=1.0", "loss.d_steps_per_g=2")]
+    "overrides",
+    [
+        (),
+        ("augment.intensity_jitter=0.1", "loss.r1_gamma=1.0", "loss.d_steps_per_g=2"),
+        ("loss.r1_interval=3", "loss.share_fake=true"),
+    ],
 )
 def test_resume_is_bit_identical_to_an_uninterrupted_run(phantom_dir, tmp_path, overrides):
     """N steps, then a resume for N more, equals 2N steps in one go: weights, EMA and optimisers."""
@@ -138,8 +143,8 @@ class PoisonedTrainer(Trainer):
     poison_step = 5
     poisoned = False
 
-    def update_discriminator(self, real):
-        record = super().update_discriminator(real)
+    def update_discriminator(self, real, *args, **kwargs):
+        record = super().update_discriminator(real, *args, **kwargs)
         if self.step + 1 == self.poison_step and not self.poisoned:
             self.poisoned = True
             with torch.no_grad():
@@ -151,8 +156,8 @@ class PoisonedTrainer(Trainer):
 class OverconfidentTrainer(Trainer):
     """Reports D as winning outright on every step."""
 
-    def update_discriminator(self, real):
-        return {**super().update_discriminator(real), "d_real": 0.999, "d_fake": 0.001}
+    def update_discriminator(self, real, *args, **kwargs):
+        return {**super().update_discriminator(real, *args, **kwargs), "d_real": 0.999, "d_fake": 0.001}
 
 
 def test_divergence_guard_stops_without_saving_nan_weights(phantom_dir, tmp_path):
@@ -237,6 +242,31 @@ def test_every_discriminator_call_goes_through_run_discriminator(prepared_phanto
     volume = (2, 1, 16, 16, 16)
     # D step: real, fake, interpolates for the penalty; G step: fakes through the frozen D.
     assert seen == [(volume, True), (volume, True), (volume, True), (volume, False)]
+
+
+def test_lazy_r1_falls_on_every_nth_update_and_a_shared_fake_skips_a_g_forward(prepared_phantoms, tmp_path):
+    forwards = []
+
+    class Counting(Trainer):
+        def generate_for_update(self, batch):
+            forwards.append(self.step)
+            return super().generate_for_update(batch)
+
+    paths = [e.path for e in prepared_phantoms.entries]
+    config = tiny("loss.r1_interval=2", "loss.share_fake=true")
+    trainer = Counting(config, prepared_phantoms.plan, paths, tmp_path, CPU)
+    records = [trainer.train_step() for _ in range(4)]
+    assert ["r1" in r for r in records] == [True, False, True, False]
+    assert forwards == [0, 1, 2, 3]  # one G forward with gradients per step, shared by D's update
+    d_fakes = []
+
+    class Watching(Trainer):
+        def update_discriminator(self, real, fake=None, with_r1=True):
+            d_fakes.append(fake)
+            return super().update_discriminator(real, fake, with_r1)
+
+    Watching(tiny(), prepared_phantoms.plan, paths, tmp_path / "b", CPU).train_step()
+    assert d_fakes == [None]  # unshared (the default): D's fakes come from fresh noise without gradients
 
 
 def test_pack_must_divide_the_batch_before_anything_runs():
