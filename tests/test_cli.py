@@ -112,3 +112,10 @@ def test_threads_option_sets_torch_threads(run_cli, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cli_choices_are_the_library_s():
+    from medsynth.cli import OutputFormat
+    from medsynth.sample import FORMATS
+
+    assert tuple(f.value for f in OutputFormat) == FORMATS  # --help lists what sample can write
