@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsynth.config import IoConfig
 from medsynth.io.volume import SourceError
 
 # The most voxels one 3D frame may declare: 2^30 (4 GiB as float32), far above any scanner's
@@ -127,3 +128,16 @@ def check_declared_size(
             name,
             f"truncated: the header declares {data_offset + data_bytes} bytes but the file has {file_bytes}",
         )
+
+
+def frames_to_use(name: str, n_frames: int, what: str, io: IoConfig) -> list[tuple[int | None, str, list[str]]]:
+    """(frame, display name, warnings) for each volume a 4D image or series yields under
+    `io.four_d`; a plain volume (`n_frames` 1) yields itself. `what` describes the 4D content for
+    the messages, e.g. "4D image with 5 frames (64×64×30×5)"."""
+    if n_frames == 1:
+        return [(None, name, [])]
+    if io.four_d == "skip":
+        raise SourceError(name, f"{what}; set io.four_d=split to use each frame as a volume, or io.four_d=first")
+    if io.four_d == "first":
+        return [(0, name, [f"{what}: using the first frame (io.four_d=first)"])]
+    return [(frame, f"{name} [frame {frame}]", []) for frame in range(n_frames)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medsynth.config import IoConfig
 from medsynth.io import dicom, itk, nifti
-from medsynth.io.checks import FinalSourceError, IndexFileError, frame_count
+from medsynth.io.checks import FinalSourceError, IndexFileError, frame_count, frames_to_use
 from medsynth.io.sources import Discovery, Skipped, Source
 from medsynth.io.volume import SourceError
 
@@ -118,21 +118,10 @@ def _probe_file(path: str, name: str, kind: str) -> tuple[str, tuple[int, ...], 
 def _image_sources(path: str, name: str, kind: str, io: IoConfig) -> list[Source]:
     reader_kind, shape, warnings = _probe_file(path, name, kind)
     n_frames = frame_count(name, shape, io.min_slices)
-    if n_frames == 1:
-        return [Source(kind=reader_kind, paths=(path,), name=name, warnings=tuple(warnings))]
-    shape_text = "×".join(str(n) for n in shape)
-    if io.four_d == "skip":
-        raise SourceError(
-            name,
-            f"4D image with {n_frames} frames ({shape_text}); set io.four_d=split to use each frame as a "
-            "volume, or io.four_d=first",
-        )
-    if io.four_d == "first":
-        note = f"4D image with {n_frames} frames: using the first (io.four_d=first)"
-        return [Source(kind=reader_kind, paths=(path,), name=name, frame=0, warnings=tuple(warnings + [note]))]
+    what = f"4D image with {n_frames} frames ({'×'.join(str(n) for n in shape)})"
     return [
-        Source(kind=reader_kind, paths=(path,), name=f"{name} [frame {t}]", frame=t, warnings=tuple(warnings))
-        for t in range(n_frames)
+        Source(kind=reader_kind, paths=(path,), name=label, frame=frame, warnings=tuple(warnings + extra))
+        for frame, label, extra in frames_to_use(name, n_frames, what, io)
     ]
 
 

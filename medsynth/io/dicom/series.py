@@ -17,7 +17,7 @@ import numpy as np
 
 from medsynth.config import IoConfig
 from medsynth.errors import one_line_reason
-from medsynth.io.checks import UnsupportedContentError
+from medsynth.io.checks import UnsupportedContentError, frames_to_use
 from medsynth.io.dicom.geometry import stack_geometry
 from medsynth.io.dicom.headers import DicomHeader
 from medsynth.io.sources import DicomLayout, Skipped, Source
@@ -30,21 +30,11 @@ __all__ = ["read", "series_name", "sources_from_headers"]
 _VOLUMETRIC_MODALITIES = {"CT", "MR", "PT", "NM", "OT"}
 
 
-def _apply_four_d(
-    name: str, n_frames: int, n_slices: int, shape_text: str, io: IoConfig
-) -> list[tuple[int | None, str, list[str]]]:
-    """(frame, display name, warnings) for each volume a series yields under the 4D policy."""
-    if n_frames == 1:
-        return [(None, name, [])]
-    if io.four_d == "skip":
-        raise SourceError(
-            name,
-            f"4D: {n_frames} images at each of {n_slices} slice positions ({shape_text}, e.g. time points or "
-            "echoes); set io.four_d=split to use each as a volume, or io.four_d=first",
-        )
-    if io.four_d == "first":
-        return [(0, name, [f"4D series with {n_frames} frames: using the first (io.four_d=first)"])]
-    return [(f, f"{name} [frame {f}]", []) for f in range(n_frames)]
+def _four_d_text(stacks: list, shape: tuple[int, int, int]) -> str:
+    return (
+        f"4D series: {len(stacks)} images at each of {shape[2]} slice positions "
+        f"({'×'.join(map(str, shape))}, e.g. time points or echoes)"
+    )
 
 
 def _common_dtype(dtypes: list[str]) -> str:
@@ -93,9 +83,8 @@ def _series_sources(name: str, headers: list[DicomHeader], io: IoConfig) -> tupl
     )
     n_slices = len(geometry.stacks[0])
     shape = (headers[0].cols, headers[0].rows, n_slices)
-    shape_text = "×".join(map(str, shape))
     sources = []
-    for frame, label, extra in _apply_four_d(name, len(geometry.stacks), n_slices, shape_text, io):
+    for frame, label, extra in frames_to_use(name, len(geometry.stacks), _four_d_text(geometry.stacks, shape), io):
         stack = geometry.stacks[frame or 0]
         layout = DicomLayout(
             affine=tuple(map(tuple, geometry.affine.tolist())),
@@ -178,7 +167,7 @@ def _multiframe_sources(name: str, header: DicomHeader, io: IoConfig) -> list[So
     n_slices = len(stacks[0])
     shape = (header.cols, header.rows, n_slices)
     sources = []
-    for frame, label, extra in _apply_four_d(name, len(stacks), n_slices, "×".join(map(str, shape)), io):
+    for frame, label, extra in frames_to_use(name, len(stacks), _four_d_text(stacks, shape), io):
         order = stacks[frame or 0]
         rescale = tuple(frame_rescale[i] for i in order) if frame_rescale else None
         layout = DicomLayout(
