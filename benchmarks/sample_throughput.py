@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from medsynth.distributed import resolve_device
 from medsynth.io import cast_for_storage
 from medsynth.models import build_models
 from medsynth.plan import Plan
-from medsynth.precision import machine_description
+from medsynth.precision import machine_description, median_seconds
 from medsynth.sample import SampleRequest, generate, latent_for, run_sampling
 
 
@@ -60,15 +58,6 @@ def make_checkpoint(folder: Path, size: int) -> Path:
     )
 
 
-def median_time(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def benchmark_size(size: int, folder: Path, count: int, repeats: int, device: torch.device) -> None:
     import nibabel as nib
     from isal import igzip
@@ -79,8 +68,7 @@ def benchmark_size(size: int, folder: Path, count: int, repeats: int, device: to
     payload = load_checkpoint(checkpoint)
     generator = generator_from_checkpoint(payload).to(device)
     latents = torch.stack([latent_for(0, i, 128, "normal") for i in range(count)])  # (count, 128)
-    generate(generator, latents[:4], device)  # warm-up
-    t_generate = median_time(lambda: generate(generator, latents, device), repeats) / count
+    t_generate = median_seconds(lambda: generate(generator, latents, device), repeats, device) / count
     volume = generate(generator, latents[:1], device)[0]
     values = cast_for_storage(Plan.from_dict(payload["plan"]).to_real_units(volume), "int16")
     raw = nib.Nifti1Image(values, np.eye(4)).to_bytes()
@@ -93,7 +81,7 @@ def benchmark_size(size: int, folder: Path, count: int, repeats: int, device: to
     print(f"\n{size}³, int16 ({len(raw) / 2**20:.1f} MiB raw): generating {1 / t_generate:.1f} vol/s")
     write_times = {}
     for name, write in writers.items():
-        seconds = median_time(lambda write=write: Path(folder, "v.nii.gz").write_bytes(write()), repeats)
+        seconds = median_seconds(lambda write=write: Path(folder, "v.nii.gz").write_bytes(write()), repeats, device)
         write_times[name] = seconds
         share = seconds / (seconds + t_generate)
         size_mib = len(write()) / 2**20
@@ -105,7 +93,7 @@ def benchmark_size(size: int, folder: Path, count: int, repeats: int, device: to
     def end_to_end():
         run_sampling(SampleRequest(checkpoint=checkpoint, count=count, out_dir=out, device=device, force=True))
 
-    seconds = median_time(end_to_end, repeats)
+    seconds = median_seconds(end_to_end, repeats, device)
     print(
         f"  medsynth sample end to end: {count / seconds:.1f} vol/s, {count / seconds * t_generate:.2f}x generation alone"
     )

@@ -17,9 +17,7 @@ CPU model, cores, ISA features, torch and oneDNN versions, and the precision eac
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from medsynth.config import load_config
 from medsynth.distributed import Runtime, resolve_device
 from medsynth.losses import discriminator_loss, generator_loss
 from medsynth.models import build_models
-from medsynth.precision import choose_precision, machine_description, native_bf16
+from medsynth.precision import choose_precision, machine_description, median_seconds, native_bf16
 from medsynth.runs import describe_models
 from medsynth.train import Trainer
 
@@ -41,33 +39,8 @@ def conv3d_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> f
     conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to(device)
     x = torch.randn(4, 64, 32, 32, 32, device=device)
     flops = 2 * 64 * 64 * 27 * 4 * 32**3
-    times = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for i in range(repeats + 1):
-            _sync(device)
-            start = time.perf_counter()
-            conv(x)
-            _sync(device)
-            if i:
-                times.append(time.perf_counter() - start)
-    return flops / statistics.median(times) / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocations, oneDNN primitive creation
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return flops / median_seconds(lambda: conv(x), repeats, device) / 1e9
 
 
 class ReferenceLoop:
@@ -160,10 +133,10 @@ def main() -> None:
                 config, prepared.plan, [e.path for e in prepared.entries], Path(tmp) / f"run{size}", runtime
             )
             gflop = describe_models(config, prepared.plan)["gflops_per_step"]
-            ours = time_steps(trainer.train_step, args.steps, device)
+            ours = median_seconds(trainer.train_step, args.steps, device)
             trainer.metrics.close()
             reference = ReferenceLoop(config, prepared.plan.target_shape, files, device)
-            plain = time_steps(reference.step, args.steps, device)
+            plain = median_seconds(reference.step, args.steps, device)
             bf16 = choose_precision(config.train.amp, device).bf16
             peak = bf16_peak if bf16 and bf16_peak else fp32_peak
             rows.append((size, batch, ours, plain, gflop, peak, bf16))

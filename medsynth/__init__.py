@@ -9,7 +9,7 @@ import os
 __version__ = "0.1.0"
 
 # OpenMP threads that wait by spinning (libgomp's default) steal the cores of every other process:
-# two medsynth processes on 2 cores ran 2.7x slower each, three 5.7x (docs/benchmarks.md). Waiting
+# two medsynth processes on 2 cores ran 2.6x slower each, three 5.7x (docs/benchmarks.md). Waiting
 # passively costs a single process nothing measurable. Set before torch loads OpenMP, and only if
 # the user has not chosen.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -80,28 +80,37 @@ def bf16_time_ratio(device_name: str, repeats: int = 3) -> float:
     return ratio
 
 
+def median_seconds(work, repeats: int, device: torch.device) -> float:
+    """Median wall time of `work()` over `repeats` calls, after one warm-up call (allocations,
+    oneDNN primitive creation), synchronising CUDA around each so queued kernels are counted."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    work()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        work()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _measure_bf16_time_ratio(device: torch.device, repeats: int) -> float:
     # Small enough to take about half a second natively and a few seconds where bf16 is emulated.
     conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
     x = torch.randn(4, 64, 16, 16, 16, device=device)
 
-    def run(dtype: torch.dtype | None) -> float:
-        times = []
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
-                out = conv(x)
-            out.float().square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:  # the first pass creates oneDNN's primitives: not representative
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def step(bf16: bool) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = conv(x)
+        out.float().square().mean().backward()
 
-    fp32 = run(None)
-    return run(torch.bfloat16) / max(fp32, 1e-9)
+    fp32 = median_seconds(lambda: step(False), repeats, device)
+    return median_seconds(lambda: step(True), repeats, device) / max(fp32, 1e-9)
 
 
 def choose_precision(amp: str, device: torch.device) -> PrecisionChoice:

@@ -249,14 +249,13 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
 def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, steps: int = 2) -> float:
     """Seconds of one real training step (D and G updates and the EMA) at the configured shape,
     width and batch, in precision `amp` ("off" or "bf16"), on random volumes: the median of
-    `steps` steps after one warm-up step (which creates oneDNN's primitives)."""
-    import statistics
+    `steps` steps after a warm-up step."""
     import tempfile
-    import time
 
     import numpy as np
 
     from medsynth.config import replace
+    from medsynth.precision import median_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -268,12 +267,6 @@ def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, s
         timed = replace(config, train=replace(config.train, amp=amp, loader_workers=0, compile=False))
         trainer = Trainer(timed, plan, paths, Path(tmp) / "run", runtime)
         try:
-            trainer.train_step()
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                trainer.train_step()
-                times.append(time.perf_counter() - start)
+            return median_seconds(trainer.train_step, steps, runtime.device)
         finally:
             trainer.metrics.close()
-    return statistics.median(times)

@@ -88,7 +88,7 @@ def test_sizes_and_spacings_print_as_people_write_them(values, digits, text):
 
 
 def test_openmp_waits_passively_unless_the_user_chose():
-    """Spinning OpenMP threads made two medsynth processes on 2 cores 2.7x slower each."""
+    """Spinning OpenMP threads made two medsynth processes on 2 cores 2.6x slower each."""
     probe = "import os, medsynth; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
