@@ -34,6 +34,41 @@ def _base_shape(shape: tuple[int, int, int], stages: int) -> tuple[int, int, int
     return tuple(n // 2**stages for n in shape)  # type: ignore[return-value]
 
 
+class PhaseSplitConvTranspose3d(nn.ConvTranspose3d):
+    """ConvTranspose3d(kernel 4, stride 2, padding 1) computed as one ordinary convolution.
+
+    Each output voxel 2m + r (r = 0 or 1 per axis: 8 phases in 3D) sums 2×2×2 of the kernel's taps
+    over inputs m - 1 + r and m + r, so the layer equals a 2×2×2 Conv3d with 8·C_out outputs over the
+    input padded by one, whose phases are then interleaved. Why: for the generator's last layer
+    (C_out = 1) oneDNN's transposed convolution runs at 6-14% of the CPU's peak, and this form of it
+    measured 2x faster forward and 1.1-1.4x forward + backward on AVX2 (docs/benchmarks.md). The
+    parameters are the transposed convolution's own, so checkpoints are unchanged, and the result is
+    the same up to float rounding.
+    """
+
+    # Per axis, for output phase r and tap s of the 2-tap kernel: the 4-tap kernel index 3 - r - 2s.
+    _TAPS = torch.tensor([3, 1, 2, 0])  # (r, s) = (0, 0), (0, 1), (1, 0), (1, 1)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if output_size is not None or self.kernel_size != (4, 4, 4) or self.stride != (2, 2, 2):
+            return super().forward(x, output_size)
+        c_in, c_out = self.weight.shape[:2]
+        w = self.weight  # (C_in, C_out, 4, 4, 4)
+        for axis in (2, 3, 4):
+            w = w.index_select(axis, self._TAPS.to(w.device))
+        w = w.view(c_in, c_out, 2, 2, 2, 2, 2, 2)  # (C_in, C_out, rx, sx, ry, sy, rz, sz)
+        w = w.permute(2, 4, 6, 1, 0, 3, 5, 7).reshape(8 * c_out, c_in, 2, 2, 2)  # one C_out block per phase
+        y = nn.functional.conv3d(nn.functional.pad(x, (1, 1, 1, 1, 1, 1)), w)  # (B, 8·C_out, X+1, Y+1, Z+1)
+        b, (nx, ny, nz) = x.shape[0], x.shape[2:]
+        phases = [
+            y[:, p * c_out : (p + 1) * c_out, rx : rx + nx, ry : ry + ny, rz : rz + nz]
+            for p, (rx, ry, rz) in enumerate((rx, ry, rz) for rx in (0, 1) for ry in (0, 1) for rz in (0, 1))
+        ]
+        out = torch.stack(phases, 1).view(b, 2, 2, 2, c_out, nx, ny, nz)  # (B, rx, ry, rz, C_out, X, Y, Z)
+        out = out.permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c_out, 2 * nx, 2 * ny, 2 * nz)  # (B, C_out, 2X, 2Y, 2Z)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
+
+
 class Generator3d(nn.Module):
     """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]."""
 
@@ -55,7 +90,7 @@ class Generator3d(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.blocks = nn.Sequential(*blocks)
-        self.to_volume = nn.ConvTranspose3d(channels[0], 1, kernel_size=4, stride=2, padding=1)
+        self.to_volume = PhaseSplitConvTranspose3d(channels[0], 1, kernel_size=4, stride=2, padding=1)
         initialise_dcgan(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -232,8 +232,10 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
     d_flops = forward_flops(discriminator, volume) / config.model.pack  # per volume judged
     batch = config.train.batch_size
     # A step: D sees m real and m fake (G forward without grad), then G trains through D. Backward
-    # costs about twice the forward.
-    d_step = batch * (g_flops + 3 * 2 * d_flops)
+    # costs about twice the forward. With loss.share_fake, the D update reuses G's forward for the
+    # G update, so it costs no G forward of its own. R1 is not counted: it is overhead, not the game.
+    shared = config.loss.share_fake and config.loss.d_steps_per_g == 1
+    d_step = batch * ((0 if shared else g_flops) + 3 * 2 * d_flops)
     g_step = batch * 3 * (g_flops + d_flops)
     return {
         "volume_shape": list(plan.target_shape),

@@ -9,7 +9,14 @@ import torch
 
 from medsynth.config import ModelConfig
 from medsynth.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
-from medsynth.models import Discriminator3d, Generator3d, build_models, forward_flops, sample_latent
+from medsynth.models import (
+    Discriminator3d,
+    Generator3d,
+    PhaseSplitConvTranspose3d,
+    build_models,
+    forward_flops,
+    sample_latent,
+)
 
 TINY = ModelConfig(latent_dim=8, base_channels=1, max_channels=4, pack=1)
 
@@ -63,6 +70,7 @@ def test_generator_structure_transposed_convolutions_batchnorm_relu():
     generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))
     kinds = [type(m) for m in generator.blocks]
     assert kinds[:3] == [torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d, torch.nn.ReLU]
+    assert isinstance(generator.to_volume, torch.nn.ConvTranspose3d)  # computed as a convolution, same operator
 
 
 def test_spectral_norm_option():
@@ -88,8 +96,9 @@ def test_dcgan_initialisation():
 def test_flop_count_matches_the_arithmetic():
     config = ModelConfig(latent_dim=8, base_channels=2, max_channels=4)
     generator = Generator3d(config, (16, 16, 16))
-    # Linear 8 -> 4*4^3 (2*8*256), ConvT 4->2 on 4^3 inputs, ConvT 2->1 on 8^3 inputs, k=4^3, 2 FLOPs per MAC.
-    expected = 2 * 8 * 256 + 2 * 4 * 2 * 64 * 4**3 + 2 * 2 * 1 * 64 * 8**3
+    # Linear 8 -> 4*4^3 (2*8*256), ConvT 4->2 on 4^3 inputs (k=4^3), 2 FLOPs per MAC; the last
+    # ConvT 2->1 on 8^3 inputs runs as a 2^3 convolution with 8 outputs over the padded 9^3 grid.
+    expected = 2 * 8 * 256 + 2 * 4 * 2 * 64 * 4**3 + 2 * 2 * 8 * 2**3 * 9**3
     assert forward_flops(generator, torch.zeros(1, 8)) == expected
 
 
@@ -149,3 +158,23 @@ def test_minibatch_std_has_finite_gradients_on_identical_volumes():
 def test_pacgan_discriminator_takes_packs():
     discriminator = Discriminator3d(ModelConfig(base_channels=2, pack=2), (16, 16, 16))
     assert discriminator(torch.zeros(3, 2, 16, 16, 16)).shape == (3,)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "grid"), [(8, 1, (4, 4, 4)), (4, 3, (3, 5, 2)), (2, 2, (1, 2, 3))])
+def test_phase_split_transposed_convolution_equals_the_plain_one(c_in, c_out, grid):
+    """The generator's last layer is computed as one ordinary convolution (speed); it must be the
+    same operator, values and gradients, with the same parameters."""
+    torch.manual_seed(0)
+    fast = PhaseSplitConvTranspose3d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+    plain = torch.nn.ConvTranspose3d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, c_in, *grid, dtype=torch.float64, requires_grad=True)
+    fast, plain = fast.double(), plain.double()
+    out_fast, out_plain = fast(x), plain(x)
+    assert out_fast.shape == out_plain.shape == (2, c_out, *(2 * n for n in grid))
+    torch.testing.assert_close(out_fast, out_plain)
+    upstream = torch.randn_like(out_plain)
+    grads_fast = torch.autograd.grad(out_fast, [x, fast.weight, fast.bias], upstream)
+    grads_plain = torch.autograd.grad(out_plain, [x, plain.weight, plain.bias], upstream)
+    for got, expected in zip(grads_fast, grads_plain, strict=True):
+        torch.testing.assert_close(got, expected)
