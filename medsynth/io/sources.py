@@ -10,13 +10,16 @@ class DicomLayout:
     """How the files (or frames) of a DICOM source form one volume, worked out from headers alone."""
 
     affine: tuple[tuple[float, ...], ...]  # (4, 4) RAS+, voxel index -> mm
-    # Multi-frame file: the frame indices in spatial order. None for a series of single-frame files,
-    # whose `Source.paths` are already in spatial order.
+    # Multi-frame file (or mosaic): the frame (tile) indices in spatial order. None for a series of
+    # single-frame files, whose `Source.paths` are already in spatial order.
     frame_order: tuple[int, ...] | None = None
     # Multi-frame file: (slope, intercept) of every frame, in `frame_order`, when they differ.
     frame_rescale: tuple[tuple[float, float], ...] | None = None
     modality: str | None = None
     shape: tuple[int, int, int] = (0, 0, 0)  # (x, y, z)
+    # Siemens mosaic: (tile rows, tile columns, tiles per row); `frame_order` then lists tiles.
+    mosaic: tuple[int, int, int] | None = None
+    float_pixels: bool = False  # Float Pixel Data: decoded by pydicom, which GDCM cannot do
     stored_dtype: str = "float32"
 
 

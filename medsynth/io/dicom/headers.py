@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,23 @@ def _number(value, default=None):
         return default
 
 
+@dataclass(frozen=True)
+class Mosaic:
+    """A Siemens mosaic: one 2D image whose tiles, row by row, are the slices of a 3D volume."""
+
+    n_slices: int
+    tile_rows: int
+    tile_cols: int
+    tiles_across: int  # tiles per row (and per column) of the mosaic
+    # The slice axis: +1 along ImageOrientationPatient's row x column cross product, -1 against it
+    # (the CSA SliceNormalVector's side of it; +1 when there is none).
+    normal_sign: int
+    # The protocol's sSliceArray.ucImageNumbSag/Cor/Tra for the slices' main axis: the tiles are
+    # stored last slice first.
+    reversed: bool
+    order_known: bool  # False when neither the CSA header nor the protocol says which way slices run
+
+
 @dataclass
 class DicomHeader:
     """What medsynth needs from one DICOM file's header. No patient identifiers are kept."""
@@ -71,9 +89,23 @@ class DicomHeader:
     frame_ipp: list[tuple[float, ...] | None] = field(default_factory=list)
     frame_iop: list[tuple[float, ...] | None] = field(default_factory=list)
     frame_rescale: list[tuple[float, float]] = field(default_factory=list)
+    # Siemens mosaics: the tiling, or why it cannot be worked out.
+    mosaic: Mosaic | None = None
+    mosaic_problem: str | None = None
+    # Float Pixel Data / Double Float Pixel Data (parametric maps): pydicom decodes these, GDCM cannot.
+    float_pixels: bool = False
+
+
+def _has_float_pixel_data(ds) -> bool:
+    """Float and Double Float Pixel Data come with 32 or 64 BitsAllocated and, unlike integer pixel
+    data, without BitsStored and PixelRepresentation (PS3.3 C.7.6.24, Floating Point Image Pixel)."""
+    bits = int(_number(ds.get("BitsAllocated"), 16) or 16)
+    return bits in (32, 64) and "PixelRepresentation" not in ds and "BitsStored" not in ds
 
 
 def _stored_dtype(ds) -> str:
+    if _has_float_pixel_data(ds):
+        return "float32"
     slope = _number(ds.get("RescaleSlope"), 1.0)
     intercept = _number(ds.get("RescaleIntercept"), 0.0)
     if slope != 1.0 or (intercept is not None and intercept != int(intercept)):
@@ -88,6 +120,73 @@ def _stored_dtype(ds) -> str:
 def _first_item(dataset, keyword: str):
     seq = dataset.get(keyword)
     return seq[0] if seq else None
+
+
+def _siemens_headers(ds) -> tuple[dict, dict]:
+    """The Siemens CSA header tags (from any private element of group 0029 that parses as one: the
+    private creator is often stripped by anonymisers) and the ASCCONV protocol they carry."""
+    import warnings
+
+    with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM readers are experimental
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import ascconv, csareader
+
+    tags: dict = {}
+    protocol: dict = {}
+    for element in ds.group_dataset(0x0029):
+        value = element.value
+        if not isinstance(value, bytes) or len(value) < 16 or element.tag.element < 0x1000:
+            continue
+        try:
+            tags.update(csareader.read(value)["tags"])
+        except Exception:  # noqa: BLE001 - not a CSA header (or a corrupt one): look no further in it
+            continue
+    text = next((item for item in (tags.get("MrPhoenixProtocol", {}).get("items") or []) if isinstance(item, str)), "")
+    begin, end = text.find("### ASCCONV BEGIN"), text.find("### ASCCONV END ###")
+    if begin >= 0 and end > begin:
+        try:
+            protocol, _ = ascconv.parse_ascconv(text[begin : end + len("### ASCCONV END ###")], str_delim='""')
+        except Exception:  # noqa: BLE001 - an unparsable protocol only loses the fallbacks below
+            protocol = {}
+    return tags, protocol
+
+
+def _csa_value(tags: dict, name: str) -> list | None:
+    items = (tags.get(name) or {}).get("items") or []
+    return items or None
+
+
+def _mosaic_layout(ds, rows: int, cols: int, iop: tuple[float, ...] | None) -> tuple[Mosaic | None, str | None]:
+    """Un-tiling a Siemens mosaic as dcm2niix and dicom2nifti do: the slice count from the CSA image
+    header (NumberOfImagesInMosaic) or the protocol (sSliceArray.lSize); a square grid of
+    ceil(sqrt(n)) tiles; the slice axis from the CSA SliceNormalVector; tiles stored last slice
+    first where the protocol's ucImageNumb flag for the slices' main axis is set.
+    Returns (layout, None) or (None, why it cannot be read)."""
+    tags, protocol = _siemens_headers(ds)
+    slice_array = protocol.get("sSliceArray", {}) if isinstance(protocol, dict) else {}
+    count = _csa_value(tags, "NumberOfImagesInMosaic")
+    n = int(_number(count[0], 0) or 0) if count else int(_number(slice_array.get("lSize"), 0) or 0)
+    if n < 1:
+        return None, (
+            "Siemens mosaic (the slices of a volume tiled in one 2D image) without the private CSA header that "
+            "gives its slice count (NumberOfImagesInMosaic, often removed by anonymisers), so it cannot be "
+            "un-tiled; convert the scanner's original export with dcm2niix"
+        )
+    across = math.ceil(math.sqrt(n))
+    if rows % across or cols % across:
+        return (
+            None,
+            f"Siemens mosaic of {cols}×{rows} pixels does not divide into {across}×{across} tiles of {n} slices",
+        )
+    normal = np.cross(iop[:3], iop[3:]) if iop else np.array([0.0, 0.0, 1.0])
+    slice_normal = _floats(_csa_value(tags, "SliceNormalVector"), 3)
+    normal_sign = -1 if slice_normal is not None and float(np.dot(slice_normal, normal)) < 0 else 1
+    # The main axis of the slice normal, in Siemens' sagittal/coronal/transverse (= LPS x/y/z) terms.
+    main_axis = ("Sag", "Cor", "Tra")[int(np.argmax(np.abs(normal)))]
+    flag = slice_array.get(f"ucImageNumb{main_axis}")
+    reversed_order = bool(_number(flag, 0))
+    known = slice_normal is not None or bool(slice_array)
+    return Mosaic(n, rows // across, cols // across, across, normal_sign, reversed_order, known), None
 
 
 class _BoundedFile:
@@ -202,6 +301,11 @@ def _header_from_dataset(path: str, ds) -> DicomHeader:
             _number(ds.get("InstanceNumber"), 0),
         ),
     )
+    header.float_pixels = _has_float_pixel_data(ds)
+    image_type = ds.get("ImageType") or []
+    image_type = [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
+    if "MOSAIC" in image_type and header.n_frames <= 1:
+        header.mosaic, header.mosaic_problem = _mosaic_layout(ds, header.rows, header.cols, header.iop)
     # From the header alone, before SimpleITK allocates anything for the pixels.
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     compressed = bool(getattr(transfer_syntax, "is_compressed", False))

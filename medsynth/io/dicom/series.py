@@ -91,6 +91,7 @@ def _series_sources(name: str, headers: list[DicomHeader], io: IoConfig) -> tupl
             modality=headers[0].modality,
             shape=shape,
             stored_dtype=_common_dtype([h.stored_dtype for h in headers]),
+            float_pixels=any(h.float_pixels for h in headers),
         )
         sources.append(
             Source(
@@ -103,6 +104,97 @@ def _series_sources(name: str, headers: list[DicomHeader], io: IoConfig) -> tupl
             )
         )
     return sources, notes
+
+
+def _tile_positions(header: DicomHeader) -> list[tuple[float, ...]]:
+    """ImagePositionPatient of each tile of a mosaic, in tile order.
+
+    A mosaic's ImagePositionPatient is that of a virtual image of the mosaic's size centred on the
+    slice it starts from (dcm2niix and dicom2nifti read it so): move it by half the size difference
+    along the rows and columns, then step along the slice axis, from the last tile when the tiles
+    are stored last slice first."""
+    mosaic = header.mosaic
+    assert mosaic is not None and header.ipp and header.iop and header.pixel_spacing
+    row_cosine, column_cosine = np.asarray(header.iop[:3]), np.asarray(header.iop[3:])
+    row_spacing, column_spacing = header.pixel_spacing  # PixelSpacing = (between rows, between columns)
+    first = (
+        np.asarray(header.ipp)
+        + row_cosine * column_spacing * (header.cols - mosaic.tile_cols) / 2.0
+        + column_cosine * row_spacing * (header.rows - mosaic.tile_rows) / 2.0
+    )
+    step = np.cross(row_cosine, column_cosine) * mosaic.normal_sign * (header.slice_spacing or 1.0)
+    n = mosaic.n_slices
+    return [tuple(first + (n - 1 - k if mosaic.reversed else k) * step) for k in range(n)]
+
+
+def _mosaic_sources(name: str, headers: list[DicomHeader], io: IoConfig) -> list[Source]:
+    """Sources from the mosaic files of one series: each file is one 3D volume, so several files
+    (time points) make a 4D series that follows `io.four_d`."""
+    unique: dict[str, DicomHeader] = {}
+    for header in headers:
+        unique.setdefault(header.sop_uid, header)
+    headers = sorted(unique.values(), key=lambda h: (h.sort_key, h.path))
+    problem = next((h.mosaic_problem for h in headers if h.mosaic_problem), None)
+    if problem:
+        raise SourceError(name, problem)
+    _check_pixels(name, headers[0])
+    layouts = Counter((h.mosaic.n_slices, h.mosaic.tile_cols, h.mosaic.tile_rows) for h in headers if h.mosaic)
+    if len(layouts) > 1:
+        listed = ", ".join(f"{n} slices of {c}×{r}" for (n, c, r), _ in layouts.most_common())
+        raise SourceError(name, f"mosaic files of one series disagree on their tiling ({listed})")
+    if any(h.ipp is None or h.iop is None or h.pixel_spacing is None for h in headers):
+        raise SourceError(
+            name, "mosaic without ImagePositionPatient, ImageOrientationPatient or PixelSpacing: cannot be placed"
+        )
+    warnings = []
+    if not headers[0].mosaic.order_known:
+        warnings.append(
+            "the headers do not say which way the mosaic's slices run (no CSA SliceNormalVector or protocol): "
+            "assumed first tile first, along the row × column normal"
+        )
+    if headers[0].slice_spacing is None:
+        raise SourceError(name, "mosaic without SpacingBetweenSlices or SliceThickness: its slices cannot be placed")
+    positions, owners, keys = [], [], []
+    for file_index, header in enumerate(headers):
+        for tile, position in enumerate(_tile_positions(header)):
+            positions.append(position)
+            owners.append((file_index, tile))
+            keys.append(header.sort_key)
+    geometry = stack_geometry(
+        name,
+        positions,
+        [headers[i].iop for i, _ in owners],
+        [headers[i].pixel_spacing for i, _ in owners],
+        keys,
+        io.min_slices,
+    )
+    mosaic = headers[0].mosaic
+    shape = (mosaic.tile_cols, mosaic.tile_rows, len(geometry.stacks[0]))
+    sources = []
+    for frame, label, extra in frames_to_use(name, len(geometry.stacks), _four_d_text(geometry.stacks, shape), io):
+        stack = geometry.stacks[frame or 0]
+        files = sorted({owners[i][0] for i in stack})
+        if len(files) != 1:
+            raise SourceError(name, "the slices of one volume come from several mosaic files; positions overlap")
+        layout = DicomLayout(
+            affine=tuple(map(tuple, geometry.affine.tolist())),
+            frame_order=tuple(owners[i][1] for i in stack),
+            modality=headers[0].modality,
+            shape=shape,
+            stored_dtype=headers[0].stored_dtype,
+            mosaic=(mosaic.tile_rows, mosaic.tile_cols, mosaic.tiles_across),
+        )
+        sources.append(
+            Source(
+                kind="dicom",
+                paths=(headers[files[0]].path,),
+                name=label,
+                frame=frame,
+                dicom=layout,
+                warnings=tuple(warnings + geometry.warnings + extra),
+            )
+        )
+    return sources
 
 
 def _multiframe_sources(name: str, header: DicomHeader, io: IoConfig) -> list[Source]:
@@ -177,6 +269,7 @@ def _multiframe_sources(name: str, header: DicomHeader, io: IoConfig) -> list[So
             modality=header.modality,
             shape=shape,
             stored_dtype="float32" if frame_rescale else header.stored_dtype,
+            float_pixels=header.float_pixels,
         )
         sources.append(
             Source(
@@ -243,15 +336,19 @@ def sources_from_headers(root: str, headers: list[DicomHeader], io: IoConfig) ->
     sources: list[Source] = []
     skipped: list[Skipped] = []
     multiframe = [h for h in headers if h.n_frames > 1]
-    single = [h for h in headers if h.n_frames <= 1]
-    groups = _group_series(single) + [[h] for h in multiframe]
+    mosaics = [h for h in headers if h.n_frames <= 1 and (h.mosaic or h.mosaic_problem)]
+    single = [h for h in headers if h.n_frames <= 1 and not (h.mosaic or h.mosaic_problem)]
+    mosaic_groups = _group_series(mosaics)
+    groups = _group_series(single) + mosaic_groups + [[h] for h in multiframe]
     series_per_folder = Counter(os.path.dirname(g[0].path) for g in groups)
     for group in sorted(groups, key=lambda g: min(h.path for h in g)):
         name = series_name(root, group, series_per_folder[os.path.dirname(group[0].path)] > 1)
         if len(group) == 1 and group[0].n_frames <= 1:
             name = os.path.relpath(group[0].path, root)  # one file: name the file itself
         try:
-            if len(group) == 1 and group[0].n_frames > 1:
+            if any(group is g for g in mosaic_groups):
+                sources += _mosaic_sources(name, group, io)
+            elif len(group) == 1 and group[0].n_frames > 1:
                 sources += _multiframe_sources(name, group[0], io)
             else:
                 found, _ = _series_sources(name, group, io)
@@ -265,33 +362,63 @@ def sources_from_headers(root: str, headers: list[DicomHeader], io: IoConfig) ->
 # Reading pixels
 
 
-def _read_file_float(path: str):
+def _read_frames(path: str, float_pixels: bool) -> np.ndarray:
+    """(frames, rows, columns) float32 in real units (rescale applied) from one file."""
+    if float_pixels:
+        return _read_float_pixel_data(path)
     import SimpleITK as sitk
 
     try:
-        return sitk.ReadImage(path, sitk.sitkFloat32)
+        image = sitk.ReadImage(path, sitk.sitkFloat32)
     except RuntimeError as exc:  # GDCM's message is on the last line, after SimpleITK's file/line noise
         raise SourceError(path, f"pixel data cannot be decoded ({one_line_reason(exc, 160, last=True)})") from None
+    return sitk.GetArrayFromImage(image)  # (frames, rows, cols)
+
+
+def _read_float_pixel_data(path: str) -> np.ndarray:
+    """Float / Double Float Pixel Data (parametric maps), which GDCM cannot decode: pydicom can.
+    The stored floats are the values (no rescale), except for parametric maps' optional Real World
+    Value Mapping, which is not applied: the values read are those stored."""
+    import pydicom
+
+    try:
+        pixels = pydicom.dcmread(path).pixel_array
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is this file's problem, said in one line
+        raise SourceError(path, f"float pixel data cannot be decoded ({one_line_reason(exc, 160)})") from None
+    pixels = np.asarray(pixels, dtype=np.float32)
+    return pixels[None] if pixels.ndim == 2 else pixels  # (frames, rows, cols)
+
+
+def _untile(plane: np.ndarray, mosaic: tuple[int, int, int], order: tuple[int, ...]) -> np.ndarray:
+    """(rows, cols) mosaic -> (x, y, z) volume of the tiles in `order` (tiles run row by row)."""
+    tile_rows, tile_cols, across = mosaic
+    tiles = [
+        plane[
+            (t // across) * tile_rows : (t // across + 1) * tile_rows,
+            (t % across) * tile_cols : (t % across + 1) * tile_cols,
+        ]
+        for t in order
+    ]
+    return np.ascontiguousarray(np.stack(tiles, axis=0).transpose(2, 1, 0))  # (tile cols, tile rows, slices)
 
 
 def read(source: Source) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     """Voxels (x, y, z) float32 in real units (rescale applied) and the header-derived RAS+ affine."""
-    import SimpleITK as sitk
-
     layout = source.dicom
     assert layout is not None
-    if layout.frame_order is None:
+    if layout.mosaic is not None:
+        plane = _read_frames(source.paths[0], layout.float_pixels)  # (1, rows, cols): the whole mosaic
+        array = _untile(plane[0], layout.mosaic, layout.frame_order or ())
+    elif layout.frame_order is None:
         slices = []
         for path in source.paths:
-            image = _read_file_float(path)
-            plane = sitk.GetArrayFromImage(image)  # (1, rows, cols)
+            plane = _read_frames(path, layout.float_pixels)  # (1, rows, cols)
             if plane.ndim != 3 or plane.shape[0] != 1:
                 raise SourceError(source.name, f"{os.path.basename(path)} holds {plane.shape[0]} frames, expected 1")
             slices.append(plane[0].T)  # (cols, rows) = (x, y)
         array = np.stack(slices, axis=2)  # (x, y, z)
     else:
-        image = _read_file_float(source.paths[0])
-        frames = sitk.GetArrayFromImage(image)  # (frames, rows, cols)
+        frames = _read_frames(source.paths[0], layout.float_pixels)  # (frames, rows, cols)
         array = np.ascontiguousarray(frames[list(layout.frame_order)].transpose(2, 1, 0))  # (x, y, z)
         if layout.frame_rescale:
             # GDCM applies one rescale to every frame; redo it per frame where the file's differ.
@@ -302,7 +429,7 @@ def read(source: Source) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     if array.shape != layout.shape:
         raise SourceError(source.name, f"decoded shape {array.shape} differs from the headers' {layout.shape}")
     meta = VolumeMeta(
-        reader="pydicom+SimpleITK",
+        reader="pydicom" if layout.float_pixels else "pydicom+SimpleITK",
         format="DICOM",
         modality=layout.modality,
         stored_dtype=layout.stored_dtype,
