@@ -154,6 +154,7 @@ def _write_one(index: int, volume: np.ndarray, plan: Plan, request: SampleReques
             dtype=plan.output_dtype,
             series_description=f"{SYNTHETIC_DESCRIPTION} sample {index}",
             seed=sidecar["seed"],
+            value_range=plan.window,  # one stored unit for every MR sample of the run
         )
     record = {**sidecar, "index": index, "file": name}
     atomic_write_json(_sidecar_path(request.out_dir, index), record)  # after the volume: marks it done
