@@ -167,6 +167,13 @@ class ModelConfig:
     # never are, so collapse is penalised directly. The batch size must be a multiple of it.
     # Without it, 64³ brain samples converged onto one head within 1000 steps (docs/results.md).
     pack: int = 2
+    # How the generator doubles its grid. "transposed": the DCGAN paper's 4³ stride-2 transposed
+    # convolution. "resize": nearest-neighbour upsampling, then a 3³ convolution (Odena et al.
+    # 2016: every output voxel gets the same number of taps, so no checkerboard by construction).
+    # "pixel_shuffle": a 3³ convolution to 8× the channels, then depth-to-space, initialised as
+    # the resize form (ICNR, Aitken et al. 2017) so that it starts free of checkerboard too.
+    # Both alternatives cost 27/8 of the transposed convolution's FLOPs at the same width.
+    upsample: Literal["transposed", "resize", "pixel_shuffle"] = "transposed"
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:

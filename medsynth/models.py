@@ -2,7 +2,8 @@
 
 Both follow Radford et al. (2016) in 3D. The generator projects the latent vector onto a small base
 grid and doubles the grid with strided transposed convolutions (BatchNorm, ReLU) up to the volume
-shape, ending in tanh. The discriminator mirrors it with strided convolutions and LeakyReLU(0.2),
+shape, ending in tanh; `model.upsample` swaps the transposed convolutions for resize-convolutions
+or sub-pixel convolutions. The discriminator mirrors it with strided convolutions and LeakyReLU(0.2),
 with no normalisation on the first layer, and ends in one logit. Shapes need not be cubic: the
 number of doublings is set by the shortest axis, so 128×128×64 starts from an 8×8×4 grid.
 """
@@ -69,6 +70,47 @@ class PhaseSplitConvTranspose3d(nn.ConvTranspose3d):
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 
 
+class PixelShuffleUp3d(nn.Module):
+    """2× upsampling by a 3³ convolution to 8·C_out channels, then depth-to-space (sub-pixel
+    convolution, Shi et al. 2016, in 3D)."""
+
+    def __init__(self, c_in: int, c_out: int, bias: bool):
+        super().__init__()
+        self.c_out = c_out
+        self.conv = nn.Conv3d(c_in, 8 * c_out, kernel_size=3, padding=1, bias=bias)
+
+    def initialise_icnr(self) -> None:
+        """ICNR (Aitken et al. 2017): the 8 sub-voxel kernels of each output channel start equal,
+        so the layer starts as nearest-neighbour upsampling after a convolution: no checkerboard."""
+        with torch.no_grad():
+            weight = self.conv.weight.view(self.c_out, 8, *self.conv.weight.shape[1:])
+            weight.copy_(weight[:, :1].expand_as(weight))
+            if self.conv.bias is not None:
+                bias = self.conv.bias.view(self.c_out, 8)
+                bias.copy_(bias[:, :1].expand_as(bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # (B, C_out·8, X, Y, Z), channel c·8 + (rx·4 + ry·2 + rz)
+        b, _, nx, ny, nz = y.shape
+        y = y.view(b, self.c_out, 2, 2, 2, nx, ny, nz).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return y.reshape(b, self.c_out, 2 * nx, 2 * ny, 2 * nz)  # (B, C_out, 2X, 2Y, 2Z)
+
+
+def upsampling(kind: str, c_in: int, c_out: int, bias: bool) -> nn.Module:
+    """One 2× step of the generator's grid (`model.upsample`)."""
+    if kind == "transposed":
+        # oneDNN is slow only with few output channels (the last layer); elsewhere it is at peak.
+        layer = PhaseSplitConvTranspose3d if c_out <= 8 else nn.ConvTranspose3d
+        return layer(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=bias)
+    if kind == "resize":
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=bias)
+        )
+    if kind == "pixel_shuffle":
+        return PixelShuffleUp3d(c_in, c_out, bias)
+    raise ValueError(f"unknown model.upsample {kind!r}")
+
+
 class Generator3d(nn.Module):
     """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]."""
 
@@ -85,13 +127,16 @@ class Generator3d(nn.Module):
         blocks: list[nn.Module] = []
         for i in range(stages - 1, 0, -1):
             blocks += [
-                nn.ConvTranspose3d(channels[i], channels[i - 1], kernel_size=4, stride=2, padding=1, bias=False),
+                upsampling(config.upsample, channels[i], channels[i - 1], bias=False),
                 nn.BatchNorm3d(channels[i - 1]),
                 nn.ReLU(inplace=True),
             ]
         self.blocks = nn.Sequential(*blocks)
-        self.to_volume = PhaseSplitConvTranspose3d(channels[0], 1, kernel_size=4, stride=2, padding=1)
+        self.to_volume = upsampling(config.upsample, channels[0], 1, bias=True)
         initialise_dcgan(self)
+        for module in self.modules():
+            if isinstance(module, PixelShuffleUp3d):
+                module.initialise_icnr()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)

@@ -54,6 +54,7 @@ RUN_ARTEFACTS = (
     "plan.json",
     "fingerprint.json",
     "manifest.json",
+    "init_from.json",
 )
 
 
@@ -140,8 +141,13 @@ def train_run(
     on_message=None,
     on_event: EventCallback | None = None,
     plan: Plan | None = None,
+    init_from: str | Path | None = None,
 ) -> RunResult:
     """Prepare the data, then train to max_steps.
+
+    `init_from` (a run folder or checkpoint) starts a fresh run from that run's weights (G, its
+    EMA, D) with new optimiser states and this data's plan; the model settings and volume shape
+    must be the same. A resumed run continues from its own checkpoint and ignores it.
 
     The plan is, in order of precedence: the checkpoint's when resuming (a given `plan` must then
     be the same one), the given `plan` (`train --plan`, e.g. from `inspect --save-plan`), or one
@@ -176,6 +182,10 @@ def train_run(
             )
             return RunResult(run_dir, int(resume["step"]), int(resume["step"]), 0, 0)
         say(f"resuming {run_dir} from step {resume['step']}")
+        if init_from is not None:
+            say("--init-from applies to a fresh run only: this one continues from its own checkpoint")
+            init_from = None
+    initial = _initial_weights(init_from, config) if init_from is not None else None
 
     # The main process fills the cache and writes the run's records; the others then find the
     # cache warm and take the main process's plan, so every rank trains on the same volumes.
@@ -206,6 +216,20 @@ def train_run(
         on_step=on_step,
         on_event=on_event,
     )
+    if initial is not None:
+        source, payload = initial
+        if list(payload["plan"]["target_shape"]) != list(prepared.plan.target_shape):
+            raise RunRefused(
+                f"--init-from {source}: its volumes are {format_triple(payload['plan']['target_shape'], 0)}, this "
+                f"plan's are {format_triple(prepared.plan.target_shape, 0)}; set plan.target_shape to match"
+            )
+        trainer.load_weights(payload)
+        if runtime.is_main:
+            atomic_write_json(
+                run_dir / "init_from.json",
+                {"checkpoint": str(source.resolve()), "step": int(payload["step"]), "plan": payload["plan"]},
+            )
+        say(f"starting from the weights of {source} (step {payload['step']}), with new optimiser states")
     say(
         f"training on {len(prepared.entries)} volumes of {format_triple(prepared.plan.target_shape, 0)} "
         f"at {prepared.plan.spacing[0]:g} mm, {runtime.world_size} process(es) on {runtime.device}"
@@ -217,6 +241,25 @@ def train_run(
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
     )
+
+
+def _initial_weights(init_from: str | Path, config: Config) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint --init-from names, checked for the same model settings as this run's."""
+    from medsynth.checkpoint import resolve_checkpoint_path
+
+    try:
+        source = resolve_checkpoint_path(init_from)
+        payload = load_checkpoint(source)
+    except CheckpointError as exc:
+        raise RunRefused(f"--init-from: {exc}") from None
+    theirs, ours = _flatten(payload["config"]["model"]), _flatten(config_to_dict(config)["model"])
+    differences = [f"model.{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(ours) if theirs.get(k) != ours[k]]
+    if differences:
+        raise RunRefused(
+            f"--init-from {source}: its model differs from this run's ({'; '.join(differences[:4])}); "
+            "use the same model settings to start from its weights"
+        )
+    return source, payload
 
 
 def describe_models(config: Config, plan: Plan) -> dict[str, Any]:

@@ -448,6 +448,13 @@ class Trainer:
             batch_size=max(2, c.train.batch_size),
         )
 
+    def load_weights(self, payload: TrainingState) -> None:
+        """Start from another run's weights (--init-from): G, its EMA and D, nothing else; the
+        optimisers, RNG streams and step stay those of a fresh run."""
+        self.generator.load_state_dict(payload["generator"])
+        self.ema.load_state_dict(payload["generator_ema"])
+        self.discriminator.load_state_dict(payload["discriminator"])
+
     def save(self) -> Path | None:
         """Checkpoint now (main process only). Refuses to write non-finite weights."""
         if not self.runtime.is_main:

@@ -13,6 +13,7 @@ from medsynth.models import (
     Discriminator3d,
     Generator3d,
     PhaseSplitConvTranspose3d,
+    PixelShuffleUp3d,
     build_models,
     forward_flops,
     sample_latent,
@@ -68,8 +69,9 @@ def test_discriminator_structure_first_layer_without_norm_and_leaky_relu():
 
 def test_generator_structure_transposed_convolutions_batchnorm_relu():
     generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))
-    kinds = [type(m) for m in generator.blocks]
-    assert kinds[:3] == [torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d, torch.nn.ReLU]
+    first, norm, activation = generator.blocks[:3]
+    assert isinstance(first, torch.nn.ConvTranspose3d) and first.stride == (2, 2, 2)
+    assert isinstance(norm, torch.nn.BatchNorm3d) and isinstance(activation, torch.nn.ReLU)
     assert isinstance(generator.to_volume, torch.nn.ConvTranspose3d)  # computed as a convolution, same operator
 
 
@@ -96,9 +98,10 @@ def test_dcgan_initialisation():
 def test_flop_count_matches_the_arithmetic():
     config = ModelConfig(latent_dim=8, base_channels=2, max_channels=4)
     generator = Generator3d(config, (16, 16, 16))
-    # Linear 8 -> 4*4^3 (2*8*256), ConvT 4->2 on 4^3 inputs (k=4^3), 2 FLOPs per MAC; the last
-    # ConvT 2->1 on 8^3 inputs runs as a 2^3 convolution with 8 outputs over the padded 9^3 grid.
-    expected = 2 * 8 * 256 + 2 * 4 * 2 * 64 * 4**3 + 2 * 2 * 8 * 2**3 * 9**3
+    # Linear 8 -> 4*4^3 (2*8*256), 2 FLOPs per MAC. The transposed convolutions with few outputs,
+    # ConvT 4->2 on 4^3 inputs and ConvT 2->1 on 8^3 inputs, run as 2^3 convolutions with 8x the
+    # outputs over the grid padded by one (5^3 and 9^3 outputs).
+    expected = 2 * 8 * 256 + 2 * 4 * 16 * 2**3 * 5**3 + 2 * 2 * 8 * 2**3 * 9**3
     assert forward_flops(generator, torch.zeros(1, 8)) == expected
 
 
@@ -178,3 +181,35 @@ def test_phase_split_transposed_convolution_equals_the_plain_one(c_in, c_out, gr
     grads_plain = torch.autograd.grad(out_plain, [x, plain.weight, plain.bias], upstream)
     for got, expected in zip(grads_fast, grads_plain, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "resize", "pixel_shuffle"])
+@pytest.mark.parametrize("shape", [(16, 16, 16), (32, 16, 16)])
+def test_every_upsampling_builds_the_volume_shape(upsample, shape):
+    config = ModelConfig(latent_dim=8, base_channels=2, max_channels=8, upsample=upsample)
+    generator = Generator3d(config, shape)
+    with torch.no_grad():
+        volume = generator(torch.randn(2, 8))
+    assert volume.shape == (2, 1, *shape) and volume.abs().max() <= 1
+
+
+def test_pixel_shuffle_starts_free_of_checkerboard():
+    """ICNR: at initialisation each 2×2×2 block of a sub-pixel layer's output is one value, as after
+    nearest-neighbour upsampling, so the generator cannot start with a checkerboard."""
+    torch.manual_seed(0)
+    generator = Generator3d(ModelConfig(latent_dim=8, base_channels=2, upsample="pixel_shuffle"), (16, 16, 16))
+    layer = generator.to_volume
+    with torch.no_grad():
+        out = layer(torch.randn(1, layer.conv.in_channels, 4, 5, 6))  # (1, 1, 8, 10, 12)
+    corner = out[..., ::2, ::2, ::2]
+    for dx, dy, dz in itertools.product((0, 1), repeat=3):
+        torch.testing.assert_close(out[..., dx::2, dy::2, dz::2], corner)
+
+
+def test_pixel_shuffle_places_each_channel_block_at_its_sub_voxel():
+    layer = PixelShuffleUp3d(1, 1, bias=False)
+    with torch.no_grad():
+        layer.conv.weight.zero_()
+        layer.conv.weight[5, 0, 1, 1, 1] = 1.0  # identity into phase 5 = (rx, ry, rz) = (1, 0, 1)
+        out = layer(torch.arange(8.0).view(1, 1, 2, 2, 2))
+    assert out[0, 0, 1, 0, 1] == 0 and out[0, 0, 3, 2, 3] == 7 and out[0, 0, 0, 0, 0] == 0

@@ -453,3 +453,28 @@ def test_train_uses_the_plan_inspect_saved_and_a_resume_refuses_another(run_cli,
     (tmp_path / "broken.json").write_text("{")
     code, _, err = run_cli(*train, "--plan", tmp_path / "broken.json")
     assert code == 1 and "broken.json: not a plan" in err
+
+
+def test_init_from_starts_with_the_other_runs_weights_and_fresh_optimisers(run_cli, phantom_dir, tmp_path):
+    tiny_cli = ("--config", CONFIGS / "tiny.yaml")
+    code, _, err = run_cli("train", phantom_dir, "-o", tmp_path / "base", *tiny_cli, "--max-steps", "2")
+    assert code == 0, err
+    base = load_checkpoint(tmp_path / "base")
+    code, _, err = run_cli("train", phantom_dir, "-o", tmp_path / "tuned", *tiny_cli, "--max-steps", "1",
+                           "--init-from", tmp_path / "base")  # fmt: skip
+    assert code == 0 and "starting from the weights of" in err, err
+    start = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "step_00000000.pt")
+    for part in ("generator", "generator_ema", "discriminator"):
+        for name, tensor in base[part].items():
+            assert torch.equal(tensor, start[part][name]), f"{part}.{name} was not taken over"
+    assert start["step"] == 0 and not start["optimizer_generator"]["state"]  # new optimiser, no moments yet
+    assert json.loads((tmp_path / "tuned" / "init_from.json").read_text())["step"] == 2
+    # A resumed run continues from its own checkpoint.
+    code, _, err = run_cli("train", phantom_dir, "-o", tmp_path / "tuned", *tiny_cli, "--max-steps", "2",
+                           "--init-from", tmp_path / "base")  # fmt: skip
+    assert code == 0 and "fresh run only" in err
+    # Another model cannot lend its weights.
+    code, _, err = run_cli("train", phantom_dir, "-o", tmp_path / "wide", *tiny_cli, "--max-steps", "1",
+                           "--set", "model.latent_dim=5", "--init-from", tmp_path / "base")  # fmt: skip
+    assert code == 2 and "model.latent_dim" in err and "Traceback" not in err
+    assert not (tmp_path / "wide" / "checkpoints").exists()
