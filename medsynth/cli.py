@@ -88,7 +88,9 @@ def _load_config(config_path: Path | None, overrides: list[str]):
 )
 def inspect(
     scan_dir: Path = typer.Argument(
-        ..., help="Folder of NIfTI files, DICOM series (any layout) or NRRD/MHA files.", **EXISTING
+        ...,
+        help="Folder (or one file) of NIfTI, MGH/MGZ, MINC, NRRD/MHA files or DICOM series (any layout).",
+        **EXISTING,
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -102,22 +104,21 @@ def inspect(
 ) -> None:
     """Show what is in a folder: every volume's geometry, everything skipped and why, and the plan."""
     from medsynth import console
-    from medsynth.inspection import inspect_folder, render, skipped_table
-    from medsynth.io import discover_sources
-    from medsynth.plan import Plan, PlanError
+    from medsynth.inspection import failure_report, inspect_folder, render, render_failure
+    from medsynth.pipeline import NoUsableSources
+    from medsynth.plan import Plan
 
     settings = _load_config(config, set_)
     try:
         with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
             report = inspect_folder(scan_dir, settings, cache_dir, progress)
-    except PlanError as exc:
-        # Still show what was skipped: it is the answer to "why is nothing usable?"
-        found = discover_sources(scan_dir, settings.io)
-        problems = [{"name": s.name, "reason": s.reason} for s in found.problems]
+    except NoUsableSources as exc:
+        # Still list every item and its reason: together they answer "why is nothing usable?"
+        failure = failure_report(scan_dir, exc)
         if json_output:
-            console.print_json({"root": str(scan_dir), "sources": [], "skipped": problems, "error": str(exc)})
-        elif problems:
-            console.out.print(skipped_table(problems, f"{len(problems)} skipped"))
+            console.print_json(failure)
+        else:
+            render_failure(failure)
         raise
     if save_plan:
         Plan.from_dict(report["plan"]).save(save_plan)
@@ -152,6 +153,13 @@ def train(
         **EXISTING_FILE,
     ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Start from another run's weights (run folder or checkpoint; same model and volume shape), "
+        "with fresh optimisers and this data's plan: fine-tuning on a small set.",
+        **EXISTING,
+    ),
     force: bool = typer.Option(
         False, "--force", help="Start over in a run folder that holds a run with other settings."
     ),
@@ -201,6 +209,7 @@ def train(
             on_event=display.event,
             on_message=console.info,
             plan=plan,
+            init_from=init_from,
         )
     if runtime.is_main:
         console.info(

@@ -7,29 +7,40 @@ from typing import Any
 
 from medsynth import console
 from medsynth.config import Config
-from medsynth.pipeline import Progress, fingerprint_folder
+from medsynth.io import Skipped, Source
+from medsynth.io.nifti import format_name
+from medsynth.pipeline import NoUsableSources, Progress, fingerprint_folder
 from medsynth.plan import format_triple, make_plan
 
-_KIND_LABELS = {"nifti": "NIfTI", "itk": "ITK", "dicom": "DICOM"}
+
+def _kind_label(source: Source) -> str:
+    if source.kind == "nifti":  # read by nibabel: NIfTI, MGH or MINC
+        return format_name(source.paths[0])
+    if source.kind == "itk":
+        return "ITK"
+    if source.kind == "dicom":
+        return "DICOM" + (f" ({len(source.paths)} files)" if len(source.paths) > 1 else " (multi-frame)")
+    return source.kind
+
+
+def _items(skipped: list[Skipped]) -> list[dict[str, str]]:
+    return [{"name": s.name, "reason": s.reason} for s in skipped]
 
 
 def inspect_folder(
     root: str | Path, config: Config, cache_dir: Path | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """The whole report as plain data (what `--json` prints). Raises PlanError if nothing is usable."""
+    """The whole report as plain data (what `--json` prints). Raises NoUsableSources, which
+    carries every item's reason, if nothing is usable."""
     found = fingerprint_folder(root, config, cache_dir, progress)
     plan = make_plan(found.fingerprint, config.plan)
     by_name = {s.name: s for s in found.sources}
     sources = []
     for fp in found.fingerprint.sources:
-        source = by_name[fp.name]
-        kind = _KIND_LABELS.get(source.kind, source.kind)
-        if source.kind == "dicom":
-            kind += f" ({len(source.paths)} files)" if len(source.paths) > 1 else " (multi-frame)"
         sources.append(
             {
                 "name": fp.name,
-                "kind": kind,
+                "kind": _kind_label(by_name[fp.name]),
                 "shape": list(fp.shape),
                 "spacing_mm": [round(s, 4) for s in fp.spacing],
                 "orientation": fp.orientation,
@@ -50,15 +61,32 @@ def inspect_folder(
     return {
         "root": str(root),
         "sources": sources,
-        "skipped": [{"name": s.name, "reason": s.reason} for s in found.skipped if not s.ignored],
-        "ignored": [{"name": s.name, "reason": s.reason} for s in found.skipped if s.ignored],
+        "skipped": _items([s for s in found.skipped if not s.ignored]),
+        "ignored": _items([s for s in found.skipped if s.ignored]),
         "fingerprint": summary,
         "plan": plan.to_dict(),
     }
 
 
-def _num(value: float) -> str:
-    if abs(value) >= 1000 or value == int(value):
+def failure_report(root: str | Path, error: NoUsableSources) -> dict[str, Any]:
+    """What `--json` prints when nothing is usable: every item found, each with its reason. None is
+    merely "ignored" here: when nothing is usable, each is part of the answer to "why not?"."""
+    return {"root": str(root), "sources": [], "skipped": _items(error.skipped), "ignored": [], "error": str(error)}
+
+
+def render_failure(report: dict[str, Any]) -> None:
+    """The text form of `failure_report`; the error itself is printed by the CLI, on stderr."""
+    skipped = report["skipped"]
+    if skipped:
+        console.out.print(skipped_table(skipped, f"{len(skipped)} skipped"))
+    else:
+        console.out.print(f"Nothing found in {report['root']}", markup=False)
+
+
+def _format_value(value: float) -> str:
+    """An intensity for people: whole units from 100 up (999.98 is "1000", never "1e+03"), three
+    significant digits below."""
+    if abs(value) >= 99.95:
         return f"{value:.0f}"
     return f"{value:.3g}"
 
@@ -86,7 +114,7 @@ def render(report: dict[str, Any]) -> None:
                 format_triple(s["spacing_mm"]),
                 s["orientation"] + (f" ~{s['obliquity_degrees']:.0f}°" if s["obliquity_degrees"] >= 1 else ""),
                 modality,
-                f"{_num(intensity['min'])} … {_num(intensity['max'])}",
+                f"{_format_value(intensity['min'])} … {_format_value(intensity['max'])}",
                 str(len(s["warnings"])) if s["warnings"] else "",
             ]
         )
@@ -133,7 +161,7 @@ def render(report: dict[str, Any]) -> None:
         low, high = plan["percentiles"]
         window = (
             f"per volume: p{low:g} of all voxels … p{high:g} of foreground → [-1, 1]; "
-            f"samples written at the typical {_num(plan['window'][0])} … {_num(plan['window'][1])}"
+            f"samples written at the typical {_format_value(plan['window'][0])} … {_format_value(plan['window'][1])}"
         )
     extent = [n * s for n, s in zip(plan["target_shape"], plan["spacing"])]
     plan_rows = [

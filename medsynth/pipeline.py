@@ -57,6 +57,15 @@ from medsynth.preprocess import (
 Progress = Callable[[str, int, int], None]
 
 
+class NoUsableSources(PlanError):
+    """Nothing under the folder could be used. `skipped` says why, item by item, so that the
+    caller can list every reason, including those found only when reading voxels."""
+
+    def __init__(self, message: str, skipped: list[Skipped]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
 # ---------------------------------------------------------------------------------------------
 # Preprocessing one volume
 
@@ -164,8 +173,9 @@ def fingerprint_folder(
     discovery = discover_sources(root, config.io)
     skipped = list(discovery.skipped)
     if not discovery.sources:
-        raise PlanError(
-            f"{root}: no usable images found" + (f" ({len(discovery.problems)} skipped)" if discovery.problems else "")
+        raise NoUsableSources(
+            f"{root}: no usable images found" + (f" ({len(discovery.problems)} skipped)" if discovery.problems else ""),
+            skipped,
         )
     cache = Path(cache_dir) if cache_dir else cache_dir_for(config)
     percentiles = config.plan.mr_percentiles
@@ -206,7 +216,7 @@ def fingerprint_folder(
         atomic_write_json(fingerprint_path(cache, keys[i], percentiles), result["fingerprint"])
     order = sorted(fingerprints)
     if not order:
-        raise PlanError(f"{root}: none of the {len(discovery.sources)} sources could be read")
+        raise NoUsableSources(f"{root}: none of the {len(discovery.sources)} sources could be read", skipped)
     return Fingerprinted(
         discovery=discovery,
         sources=[discovery.sources[i] for i in order],

@@ -232,12 +232,18 @@ def summarise(fingerprints: list[SourceFingerprint]) -> DatasetFingerprint:
 
 
 def format_triple(values, digits: int = 2) -> str:
-    """Sizes or spacings for people: "240×240×4", "0.94×0.94×1.2". Rounded to `digits` decimals
-    with trailing decimal zeros dropped; a whole number keeps its own zeros."""
+    """Shapes, spacings and extents for people, the one formatter of every "a×b×c" that `inspect`
+    prints: "240×240×4", "0.94×0.94×1.2", "180×216×180". Rounded to `digits` decimals with
+    trailing decimal zeros dropped; a whole number keeps its own zeros (240, not 24); a value too
+    small for `digits` keeps two significant digits instead of printing as 0."""
 
     def one(value: float) -> str:
         text = f"{value:.{digits}f}"
-        return text.rstrip("0").rstrip(".") if "." in text else text
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        if value != 0 and float(text) == 0:
+            text = f"{value:.2g}"
+        return "0" if text == "-0" else text
 
     return "×".join(one(float(v)) for v in values)
 

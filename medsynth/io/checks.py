@@ -40,8 +40,10 @@ class IndexFileError(SourceError):
     without listing it as a problem, as it does files named DICOMDIR."""
 
 
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "×".join(str(n) for n in shape)
+def format_shape(shape: tuple[int, ...]) -> str:
+    """A stored shape in messages, every axis as the whole number it is: "240×240×4×12". (Sizes
+    and spacings for reports, which may be fractional, go through `plan.format_triple`.)"""
+    return "×".join(str(int(n)) for n in shape)
 
 
 def frame_count(name: str, shape: tuple[int, ...], min_slices: int) -> int:
@@ -52,22 +54,22 @@ def frame_count(name: str, shape: tuple[int, ...], min_slices: int) -> int:
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) < 3:
-        raise SourceError(name, f"2D image ({_fmt_shape(shape)}), not a volume")
+        raise SourceError(name, f"2D image ({format_shape(shape)}), not a volume")
     if 0 in shape:
-        raise SourceError(name, f"zero-sized axis (shape {_fmt_shape(shape)})")
+        raise SourceError(name, f"zero-sized axis (shape {format_shape(shape)})")
     spatial = shape[:3]
     extra = [n for n in shape[3:] if n != 1]
     if len(extra) > 1:
-        raise SourceError(name, f"{len(shape)}D image ({_fmt_shape(shape)}); only 3D and 4D images are supported")
+        raise SourceError(name, f"{len(shape)}D image ({format_shape(shape)}); only 3D and 4D images are supported")
     flat_axes = [axis for axis, n in enumerate(spatial) if n == 1]
     if len(flat_axes) == 1:
-        raise SourceError(name, f"2D image stored as 3D ({_fmt_shape(spatial)}), not a volume")
+        raise SourceError(name, f"2D image stored as 3D ({format_shape(spatial)}), not a volume")
     short = [(axis, n) for axis, n in enumerate(spatial) if n < min_slices]
     if short:
         axis, n = short[0]
         raise SourceError(
             name,
-            f"only {n} voxel{'s' if n != 1 else ''} along axis {'xyz'[axis]} ({_fmt_shape(spatial)}): "
+            f"only {n} voxel{'s' if n != 1 else ''} along axis {'xyz'[axis]} ({format_shape(spatial)}): "
             f"too few to form a volume (io.min_slices = {min_slices})",
         )
     return extra[0] if extra else 1
@@ -109,7 +111,7 @@ def check_declared_size(
     if frame_voxels > MAX_FRAME_VOXELS:
         raise DeclaredSizeError(
             name,
-            f"the header declares {_fmt_shape(shape)} = {frame_voxels:.3g} voxels per volume, "
+            f"the header declares {format_shape(shape)} = {frame_voxels:.3g} voxels per volume, "
             f"more than medsynth reads ({MAX_FRAME_VOXELS:.3g}); the header is probably corrupt",
         )
     data_bytes = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize
