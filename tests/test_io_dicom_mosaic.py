@@ -192,3 +192,25 @@ def test_real_mosaic_stripped_of_its_csa_header_is_refused_as_a_mosaic(shared_da
     ds.save_as(tmp_path / "anonymised.dcm")
     (problem,) = discover_sources(tmp_path / "anonymised.dcm").problems
     assert "Siemens mosaic" in problem.reason
+
+
+def test_dicom_without_preamble_or_extension_is_read_and_other_bare_files_are_not(tmp_path):
+    """Older exports write bare datasets (no 128-byte preamble, no 'DICM') in files named like
+    IM0001. They are DICOM; a README beside them is not."""
+    import pydicom
+    from helpers import write_dicom_series
+
+    written = write_dicom_series(tmp_path / "in", np.arange(4 * 3 * 3, dtype=np.int16).reshape(4, 3, 3))
+    out = tmp_path / "export"
+    out.mkdir()
+    for k, path in enumerate(written):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta  # a bare dataset: no preamble, no 'DICM', no file meta group
+        ds.preamble = None
+        pydicom.dcmwrite(out / f"IM{k:04d}", ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert (out / f"IM{k:04d}").read_bytes()[128:132] != b"DICM"
+    (out / "README").write_text("exported by some console\n")
+    found = discover_sources(out)
+    assert len(found.sources) == 1 and found.sources[0].kind == "dicom"
+    assert read_volume(found.sources[0]).shape == (4, 3, 3)
+    assert [s.name for s in found.ignored] == ["README"]

@@ -219,6 +219,8 @@ def discover_sources(root: str | Path, io: IoConfig | None = None) -> Discovery:
                     found.skipped.append(Skipped(name, _named_non_image_reason(basename)))
             elif suffix in dicom.DICOM_SUFFIXES or dicom.has_dicom_magic(path):
                 dicom_headers.append(dicom.read_header(path))
+            elif suffix == "" and (header := _headerless_dicom(path)) is not None:
+                dicom_headers.append(header)
             else:
                 unrecognised[suffix].append(name)
         except IndexFileError as exc:
@@ -240,6 +242,18 @@ def discover_sources(root: str | Path, io: IoConfig | None = None) -> Discovery:
         found.skipped = [Skipped(s.name, s.reason) for s in found.skipped]
     found.sources.sort(key=lambda s: natural_order(s.name))
     return found
+
+
+def _headerless_dicom(path: str) -> dicom.DicomHeader | None:
+    """A file without an extension or the DICM preamble may still be DICOM: older exports (and
+    ACR-NEMA-style files) write bare datasets. It is one when pydicom finds image attributes in it;
+    anything else (README, LICENSE, ...) is simply not an image."""
+    try:
+        return dicom.read_header(path)
+    except IndexFileError:
+        raise
+    except SourceError:
+        return None
 
 
 def _files_named(names: list[str], suffix: str) -> str:
