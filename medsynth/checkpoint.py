@@ -13,11 +13,12 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
 from medsynth import __version__
+from medsynth.ada import AdaState
 from medsynth.atomic import atomic_write
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, one_line_reason
@@ -72,6 +73,7 @@ class TrainingState(TypedDict):
     data: DataState
     guard: GuardState
     precision: PrecisionState  # absent from checkpoints written before it was recorded
+    ada: NotRequired[AdaState]  # adaptive augmentation's probability and controller, when on
 
 
 class Checkpoint(TrainingState):

@@ -122,6 +122,14 @@ class AugmentConfig:
     # comma-separated from translation, cutout, contrast; "" turns it off. It keeps D from
     # memorising a small training set, which otherwise costs the samples their diversity.
     diff_augment: str = ""
+    # Adaptive discriminator augmentation (medsynth.ada; Karras et al. 2020): anatomy-preserving
+    # flips (flip_axes only), scaling, translation and gamma on everything D sees, each with a
+    # probability p steered so that D's mean sign on real packs stays near ada_target. p moves
+    # from 0 to 1 in ada_images_to_full real volumes at most, adjusted every ada_interval D updates.
+    ada: bool = False
+    ada_target: float = 0.6
+    ada_images_to_full: int = 10000
+    ada_interval: int = 4
 
     @property
     def diff_augment_policy(self) -> tuple[str, ...]:
@@ -137,6 +145,8 @@ class AugmentConfig:
             )
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ConfigError(f"augment.flip_axes must name axes 0, 1 or 2, got {list(self.flip_axes)}")
+        if not 0.0 < self.ada_target < 1.0 or self.ada_images_to_full < 1 or self.ada_interval < 1:
+            raise ConfigError("augment.ada_target must be in (0, 1), ada_images_to_full and ada_interval at least 1")
         if not 0.0 <= self.flip_probability <= 1.0:
             raise ConfigError(f"augment.flip_probability must be in [0, 1], got {self.flip_probability}")
         if not 0.0 <= self.intensity_jitter < 1.0:

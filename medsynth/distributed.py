@@ -90,6 +90,17 @@ def any_rank(runtime: Runtime, flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
+def sum_over_ranks(runtime: Runtime, values: tuple[float, ...]) -> tuple[float, ...]:
+    """Each value summed over all processes (itself when there is one)."""
+    if not runtime.distributed:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tuple(tensor.tolist())
+
+
 def set_threads(threads: int | None) -> None:
     """Compute threads of this process (`--threads`); None keeps torch's default (one per core it
     may run on). Give each of several processes on one machine its share, or match a scheduler's

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsynth.ada import AdaptiveAugment
 from medsynth.checkpoint import (
     GuardState,
     PrecisionState,
@@ -48,7 +49,7 @@ from medsynth.checkpoint import (
 from medsynth.config import Config, config_to_dict
 from medsynth.data import CachedVolumeDataset
 from medsynth.diffaug import diff_augment
-from medsynth.distributed import Runtime, any_rank
+from medsynth.distributed import Runtime, any_rank, sum_over_ranks
 from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
@@ -208,6 +209,12 @@ class Trainer:
         # Each rank draws different noise; the stream is part of the checkpoint.
         self.latent_rng = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 1 + runtime.rank)
         self.diff_policy = config.augment.diff_augment_policy
+        augment = config.augment
+        self.ada = (
+            AdaptiveAugment(augment.ada_target, augment.ada_images_to_full, augment.ada_interval, augment.flip_axes)
+            if augment.ada
+            else None
+        )
         self.augment_rng = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 500 + runtime.rank)
         self.preview_noise = sample_latent(
             train.preview_samples,
@@ -289,13 +296,15 @@ class Trainer:
         return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
 
     def run_discriminator(self, volumes: torch.Tensor, discriminator: nn.Module) -> torch.Tensor:
-        """Everything D judges passes here, so every D call sees the same transforms: DiffAugment's
-        random, differentiable transforms (when configured), then packs of `model.pack` volumes
+        """Everything D judges passes here, so every D call sees the same transforms: adaptive
+        augmentation and DiffAugment's random, differentiable transforms (when configured), then packs of `model.pack` volumes
         stacked as channels (PacGAN), then `discriminator` (the handle of the half that calls).
 
         volumes (B, 1, X, Y, Z) -> logits (B / pack,), float32 for the losses.
         """
         volumes = volumes.contiguous(memory_format=self.memory_format)
+        if self.ada is not None:
+            volumes = self.ada.augment(volumes, self.augment_rng)
         if self.diff_policy:
             volumes = diff_augment(volumes, self.diff_policy, self.augment_rng)
         pack = self.config.model.pack
@@ -337,6 +346,10 @@ class Trainer:
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.discriminator.parameters(), float("inf"))
         self.opt_d.step()
+        if self.ada is not None:
+            self.ada.observe(real_logits)
+            self.ada.adjust(real.shape[0] * self.runtime.world_size, lambda *v: sum_over_ranks(self.runtime, v))
+            extra["ada_p"] = self.ada.probability
         return {
             "loss_d": float(loss.detach()),
             "d_real": discriminator_confidence(loss_config.name, real_logits.detach()),
@@ -414,6 +427,7 @@ class Trainer:
             "data": {"epoch": self.position.epoch, "batch": self.position.batch},
             "guard": GuardState(rollbacks=self.rollbacks, d_win_streak=self.d_win_streak),
             "precision": PrecisionState(bf16=self.bf16, device_type=self.device.type),
+            **({"ada": self.ada.state()} if self.ada is not None else {}),
         }
 
     def _restore(self, payload: TrainingState) -> None:
@@ -436,6 +450,8 @@ class Trainer:
         self.rollbacks = int(guard.get("rollbacks", 0))
         self.d_win_streak = int(guard.get("d_win_streak", 0))
         self.last_good_step = self.step
+        if self.ada is not None and "ada" in payload:
+            self.ada.load_state(payload["ada"], self.step * self.config.loss.d_steps_per_g)
 
     def _prepare_ema_for_use(self) -> None:
         c = self.config

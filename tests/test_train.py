@@ -76,7 +76,15 @@ def _state(run: Path) -> dict:
     payload = load_checkpoint(run)
     return {
         k: payload[k]
-        for k in ("generator", "generator_ema", "discriminator", "optimizer_generator", "optimizer_discriminator")
+        for k in (
+            "generator",
+            "generator_ema",
+            "discriminator",
+            "optimizer_generator",
+            "optimizer_discriminator",
+            "ada",
+        )
+        if k in payload
     }
 
 
@@ -100,6 +108,8 @@ def _assert_identical(a, b, path=""):
         (),
         ("augment.intensity_jitter=0.1", "loss.r1_gamma=1.0", "loss.d_steps_per_g=2"),
         ("loss.r1_interval=3", "loss.share_fake=true"),
+        # p moves every D update, by a quarter: the augmentations are on well before the resume.
+        ("augment.ada=true", "augment.ada_images_to_full=8", "augment.ada_interval=1", "augment.ada_target=0.01"),
     ],
 )
 def test_resume_is_bit_identical_to_an_uninterrupted_run(phantom_dir, tmp_path, overrides):
@@ -113,6 +123,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(phantom_dir, tmp_path, 
     whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     split = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["loss_d"] for r in whole] == [r["loss_d"] for r in split]
+    if "augment.ada=true" in overrides:
+        assert max(r["ada_p"] for r in whole[:5]) > 0  # augmenting before the resume point
 
 
 def test_existing_run_with_other_settings_is_refused_unless_forced(phantom_dir, tmp_path):
