@@ -19,7 +19,9 @@ def _kind_label(source: Source) -> str:
     if source.kind == "itk":
         return "ITK"
     if source.kind == "dicom":
-        return "DICOM" + (f" ({len(source.paths)} files)" if len(source.paths) > 1 else " (multi-frame)")
+        if len(source.paths) > 1:
+            return f"DICOM ({len(source.paths)} files)"
+        return "DICOM (Siemens mosaic)" if source.dicom and source.dicom.mosaic else "DICOM (multi-frame)"
     return source.kind
 
 
