@@ -105,6 +105,60 @@ def row_from_report(name: str, report: dict, steps: int, train_seconds: float) -
     }
 
 
+def _foreground_geometry(volume, spacing) -> tuple[list[float], float]:
+    """(centroid in mm from the grid's corner, foreground volume in mL) of one volume on the plan's
+    grid. Foreground: above a fifth of the way from the minimum to the 99th percentile, so the
+    real units of samples and the [-1, 1] of the cache are treated alike."""
+    import numpy as np
+
+    low, high = float(volume.min()), float(np.percentile(volume, 99))
+    mask = volume > low + 0.2 * (high - low)
+    centre = np.argwhere(mask).mean(axis=0) * np.asarray(spacing)
+    return centre.tolist(), float(mask.sum() * np.prod(spacing) / 1000.0)
+
+
+def geometry_summary(volumes, spacing) -> dict[str, float]:
+    """Where the head lies on the plan's grid and how big it is: the spread of the foreground's
+    centroid and the mean and spread of its volume. Augmentation that leaked into samples (shifts,
+    scaling) shows as a spread unlike the real scans', preprocessed onto the same grid."""
+    import numpy as np
+
+    measured = [_foreground_geometry(v, spacing) for v in volumes]
+    centroids = np.array([c for c, _ in measured])
+    sizes = np.array([m for _, m in measured])
+    return {
+        "n": len(sizes),
+        "centroid_spread_mm": float(np.linalg.norm(centroids.std(axis=0))),
+        "volume_ml_mean": float(sizes.mean()),
+        "volume_ml_sd": float(sizes.std()),
+    }
+
+
+def samples_geometry(samples: Path, spacing) -> dict[str, float]:
+    import nibabel as nib
+    import numpy as np
+
+    return geometry_summary(
+        (np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in sorted(samples.glob("*.nii.gz"))), spacing
+    )
+
+
+def real_geometry_on_grid(held_dir: Path, run: Path) -> dict[str, float]:
+    """The held-out scans preprocessed with a run's plan (medsynth's own pipeline and cache)."""
+    import numpy as np
+
+    from medsynth.checkpoint import load_checkpoint
+    from medsynth.config import config_from_dict
+    from medsynth.plan import Plan
+
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    from medsynth.pipeline import prepare_dataset
+
+    plan = Plan.from_dict(payload["plan"])
+    prepared = prepare_dataset(held_dir, config_from_dict(payload["config"]), plan=plan)
+    return {**geometry_summary((np.load(e.path) for e in prepared.entries), plan.spacing), "spacing": plan.spacing}
+
+
 def _cell(value: list[float | None] | None, digits: int = 3) -> str:
     if not value:
         return "-"
@@ -124,6 +178,22 @@ def table(rows: list[dict]) -> str:
             f"| {r['variant']} | {r['steps']} | {r['train_minutes']} | {_cell(r['c2st'])} | {_cell(r['mmd'], 4)} | "
             f"{_cell(r['coverage'], 2)} | {_cell(r['ms_ssim_synthetic'])} ({real:.3f}) | {_cell(r['intensity_w1'], 1)} | "
             f"{_cell(r['flagged_share'], 2)} | {_cell(r['copying_z'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def geometry_table(rows: list[dict], real: dict[str, float]) -> str:
+    """Head position and size: the augmentation-leak check (issue 11)."""
+    lines = [
+        "| set | centroid spread mm | foreground mL, mean ± sd |",
+        "|---|---|---|",
+        f"| held-out real ({real['n']}) | {real['centroid_spread_mm']:.1f} | "
+        f"{real['volume_ml_mean']:.0f} ± {real['volume_ml_sd']:.0f} |",
+    ]
+    for r in rows:
+        g = r["geometry"]
+        lines.append(
+            f"| {r['variant']} ({g['n']}) | {g['centroid_spread_mm']:.1f} | {g['volume_ml_mean']:.0f} ± {g['volume_ml_sd']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -154,6 +224,7 @@ def main() -> None:
     train_dir, held_dir, n_train, n_held = split_scans(args.data, args.out / "split")
     print(f"split of {args.data}: {n_train} training, {n_held} held out (every fourth by sorted name)", flush=True)
     common = [*(["--threads", str(args.threads)] if args.threads else [])]
+    real_geometry = None  # measured on the first run's plan grid
     rows = []
     for name, overrides in variants:
         run, samples, report_dir = args.out / "runs" / name, args.out / "samples" / name, args.out / "eval" / name
@@ -185,8 +256,13 @@ def main() -> None:
                 sys.exit(f"variant {name}: evaluation failed (exit {code})")
         report = json.loads((report_dir / "report.json").read_text())
         seconds = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else float("nan")
-        rows.append({**row_from_report(name, report, trained_steps(run), seconds), "overrides": overrides})
-        text = table(rows)
+        row = {**row_from_report(name, report, trained_steps(run), seconds), "overrides": overrides}
+        if real_geometry is None:  # the held-out scans on the grid of the first run with a checkpoint
+            first = next(r for n, _ in variants if (r := args.out / "runs" / n / "checkpoints" / "last.pt").exists())
+            real_geometry = real_geometry_on_grid(held_dir, first.parent.parent)
+        row["geometry"] = samples_geometry(samples, real_geometry["spacing"])
+        rows.append(row)
+        text = table(rows) + "\n\n" + geometry_table(rows, real_geometry)
         print(text, flush=True)
         header = (
             f"Quality benchmark: {args.data} ({n_train} train / {n_held} held out), config "
@@ -195,7 +271,10 @@ def main() -> None:
             f"Command: python {shlex.join(sys.argv)}\n\n"
         )
         atomic_write_bytes(args.out / "quality.md", (header + text + "\n").encode())
-        atomic_write_json(args.out / "quality.json", {"machine": machine, "data": str(args.data), "rows": rows})
+        atomic_write_json(
+            args.out / "quality.json",
+            {"machine": machine, "data": str(args.data), "real_geometry": real_geometry, "rows": rows},
+        )
     print(f"table: {args.out / 'quality.md'}")
 
 
