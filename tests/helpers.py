@@ -65,7 +65,8 @@ def new_uid() -> str:
     return pydicom.uid.generate_uid()
 
 
-def _dataset(rows: int, cols: int, modality: str, series_uid: str, study_uid: str):
+def dicom_dataset(rows: int, cols: int, modality: str, series_uid: str, study_uid: str):
+    """A minimal MR-storage dataset with file meta, 16-bit signed pixels, and a made-up patient."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -129,7 +130,7 @@ def write_dicom_series(
         if sizes is not None:
             plane = np.zeros(sizes[k], dtype=plane.dtype)
         rows, cols = plane.shape[1], plane.shape[0]
-        ds = _dataset(rows, cols, modality, series_uid, study_uid)
+        ds = dicom_dataset(rows, cols, modality, series_uid, study_uid)
         ipp = np.asarray(positions[k]) if positions is not None else np.asarray(origin) + k * step
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in slice_iop]
@@ -169,7 +170,7 @@ def write_enhanced_multiframe(
 
     n = array.shape[2]
     order = list(frame_order) if frame_order is not None else list(range(n))  # stored frame f = slice order[f]
-    ds = _dataset(array.shape[1], array.shape[0], "MR", new_uid(), new_uid())
+    ds = dicom_dataset(array.shape[1], array.shape[0], "MR", new_uid(), new_uid())
     ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
     ds.SOPClassUID = EnhancedMRImageStorage
     ds.NumberOfFrames = n

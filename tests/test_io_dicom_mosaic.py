@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from helpers import new_uid, voxel_corners_world
+from helpers import dicom_dataset, new_uid, voxel_corners_world
 
 from medsynth.config import IoConfig
 from medsynth.io import discover_sources, read_volume
@@ -40,8 +40,6 @@ def write_mosaic(
     when `protocol` sets ucImageNumb), the grid ceil(sqrt(n)) tiles square, and ImagePositionPatient
     that of the whole mosaic image centred on the slice at `slice0_corner` (LPS mm)."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
     cols, rows, n = volume.shape
     across = int(np.ceil(np.sqrt(n)))
@@ -56,20 +54,10 @@ def write_mosaic(
         - row_cosine * column_spacing * (cols * across - cols) / 2
         - column_cosine * row_spacing * (rows * across - rows) / 2
     )
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = new_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Manufacturer = "MR", "SIEMENS"
+    ds = dicom_dataset(*mosaic.shape, "MR", series_uid or new_uid(), new_uid())
+    ds.Manufacturer = "SIEMENS"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = new_uid(), series_uid or new_uid()
     ds.InstanceNumber = ds.AcquisitionNumber = instance
-    ds.Rows, ds.Columns = mosaic.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.PixelSpacing = [f"{row_spacing:g}", f"{column_spacing:g}"]
     ds.SpacingBetweenSlices = f"{slice_spacing:g}"
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
@@ -137,22 +125,14 @@ def test_mosaic_without_its_slice_count_says_it_is_a_mosaic(tmp_path):
 def test_float_pixel_data_is_read_exactly(tmp_path):
     """Float Pixel Data (e.g. parametric maps), which GDCM cannot decode, is read with pydicom."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
     volume = (np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4) - 7.25) * 0.5
     series = new_uid()
     for k in range(volume.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = new_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", series, k + 1
-        ds.Rows, ds.Columns = 2, 3
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
+        ds = dicom_dataset(2, 3, "MR", series, new_uid())
+        ds.InstanceNumber, ds.BitsAllocated = k + 1, 32
+        for integer_only in ("BitsStored", "HighBit", "PixelRepresentation"):  # absent with float pixels
+            delattr(ds, integer_only)
         ds.PixelSpacing, ds.ImageOrientationPatient = ["1", "1"], ["1", "0", "0", "0", "1", "0"]
         ds.ImagePositionPatient = ["0", "0", str(2 * k)]
         ds.FloatPixelData = volume[:, :, k].T.astype("<f4").tobytes()
