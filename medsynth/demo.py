@@ -24,8 +24,9 @@ DEMO_SETTINGS = [
     "train.log_every=50",
     "train.amp=auto",
     "cache.workers=1",
-    # R1 every 16th D update (scaled) and one G forward for both halves of a step: 1.45x faster on
-    # an AVX2 CPU (3 min 51 s -> 2 min 39 s), with samples of the same kind (docs/benchmarks.md).
+    # R1 every 16th D update (scaled) and one G forward for both halves of a step: 1.45x faster
+    # with AVX2 kernels only (3 min 51 s -> 2 min 39 s on a 2-core EPYC limited to AVX2), with
+    # samples of the same kind (docs/benchmarks.md).
     "loss.r1_interval=16",
     "loss.share_fake=true",
 ]

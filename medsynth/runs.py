@@ -252,8 +252,7 @@ def _initial_weights(init_from: str | Path, config: Config) -> tuple[Path, dict[
         payload = load_checkpoint(source)
     except CheckpointError as exc:
         raise RunRefused(f"--init-from: {exc}") from None
-    theirs, ours = _flatten(payload["config"]["model"]), _flatten(config_to_dict(config)["model"])
-    differences = [f"model.{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(ours) if theirs.get(k) != ours[k]]
+    differences = [d for d in config_differences(payload["config"], config) if d.startswith("model.")]
     if differences:
         raise RunRefused(
             f"--init-from {source}: its model differs from this run's ({'; '.join(differences[:4])}); "
