@@ -35,39 +35,87 @@ def _base_shape(shape: tuple[int, int, int], stages: int) -> tuple[int, int, int
     return tuple(n // 2**stages for n in shape)  # type: ignore[return-value]
 
 
-class PhaseSplitConvTranspose3d(nn.ConvTranspose3d):
-    """ConvTranspose3d(kernel 4, stride 2, padding 1) computed as one ordinary convolution.
+# Per axis, for output phase r and tap s of the 2-tap phase kernel (input m - 1 + r + s): the index
+# 3 - r - 2s of a 4-tap transposed-convolution kernel, listed for (r, s) = (0, 0), (0, 1), (1, 0), (1, 1).
+_PHASE_TAPS = torch.tensor([3, 1, 2, 0])
 
-    Each output voxel 2m + r (r = 0 or 1 per axis: 8 phases in 3D) sums 2×2×2 of the kernel's taps
-    over inputs m - 1 + r and m + r, so the layer equals a 2×2×2 Conv3d with 8·C_out outputs over the
-    input padded by one, whose phases are then interleaved. Why: for the generator's last layer
-    (C_out = 1) oneDNN's transposed convolution runs at 6-14% of the CPU's peak, and this form of it
-    measured 2x faster forward and 1.1-1.4x forward + backward on AVX2 (docs/benchmarks.md). The
-    parameters are the transposed convolution's own, so checkpoints are unchanged, and the result is
-    the same up to float rounding.
+
+def phase_split_conv_transpose(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv_transpose3d(x, weight, stride=2, padding=1) for a 4³ kernel, as one ordinary convolution.
+
+    Output voxel 2m + r (r = 0 or 1 per axis: 8 phases in 3D) sums 2×2×2 of the kernel's taps over
+    inputs m - 1 + r and m + r. So the layer is a 2×2×2 Conv3d with 8·C_out outputs over the input
+    padded by one, whose phase r is read at offset r and interleaved.
     """
+    c_in, c_out = weight.shape[:2]
+    w = weight  # (C_in, C_out, 4, 4, 4)
+    for axis in (2, 3, 4):
+        w = w.index_select(axis, _PHASE_TAPS.to(w.device))
+    w = w.view(c_in, c_out, 2, 2, 2, 2, 2, 2)  # (C_in, C_out, rx, sx, ry, sy, rz, sz)
+    w = w.permute(2, 4, 6, 1, 0, 3, 5, 7).reshape(8 * c_out, c_in, 2, 2, 2)  # one C_out block per phase
+    y = nn.functional.conv3d(nn.functional.pad(x, (1, 1, 1, 1, 1, 1)), w)  # (B, 8·C_out, X+1, Y+1, Z+1)
+    b, (nx, ny, nz) = x.shape[0], x.shape[2:]
+    phases = [
+        y[:, p * c_out : (p + 1) * c_out, rx : rx + nx, ry : ry + ny, rz : rz + nz]
+        for p, (rx, ry, rz) in enumerate((rx, ry, rz) for rx in (0, 1) for ry in (0, 1) for rz in (0, 1))
+    ]
+    out = torch.stack(phases, 1).view(b, 2, 2, 2, c_out, nx, ny, nz)  # (B, rx, ry, rz, C_out, X, Y, Z)
+    return out.permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c_out, 2 * nx, 2 * ny, 2 * nz)  # (B, C_out, 2X, 2Y, 2Z)
 
-    # Per axis, for output phase r and tap s of the 2-tap kernel: the 4-tap kernel index 3 - r - 2s.
-    _TAPS = torch.tensor([3, 1, 2, 0])  # (r, s) = (0, 0), (0, 1), (1, 0), (1, 1)
+
+def conv_transpose_2x(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 4³, stride-2, padding-1 transposed convolution by whichever form the CPU runs faster: oneDNN's
+    transposed convolution runs at 6-14% of peak with few output channels (the generator's last
+    layer), where the phase split measured 2x faster forward and 1.1-1.4x forward + backward on AVX2
+    (docs/benchmarks.md); with more outputs oneDNN's own is at peak."""
+    if weight.shape[1] > 8:
+        return nn.functional.conv_transpose3d(x, weight, bias, stride=2, padding=1)
+    out = phase_split_conv_transpose(x, weight)
+    return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
+
+
+class PhaseSplitConvTranspose3d(nn.ConvTranspose3d):
+    """ConvTranspose3d(kernel 4, stride 2, padding 1) computed by `conv_transpose_2x`. The parameters
+    are the transposed convolution's own, so checkpoints are unchanged, and the result is the same up
+    to float rounding."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if output_size is not None or self.kernel_size != (4, 4, 4) or self.stride != (2, 2, 2):
             return super().forward(x, output_size)
-        c_in, c_out = self.weight.shape[:2]
-        w = self.weight  # (C_in, C_out, 4, 4, 4)
-        for axis in (2, 3, 4):
-            w = w.index_select(axis, self._TAPS.to(w.device))
-        w = w.view(c_in, c_out, 2, 2, 2, 2, 2, 2)  # (C_in, C_out, rx, sx, ry, sy, rz, sz)
-        w = w.permute(2, 4, 6, 1, 0, 3, 5, 7).reshape(8 * c_out, c_in, 2, 2, 2)  # one C_out block per phase
-        y = nn.functional.conv3d(nn.functional.pad(x, (1, 1, 1, 1, 1, 1)), w)  # (B, 8·C_out, X+1, Y+1, Z+1)
-        b, (nx, ny, nz) = x.shape[0], x.shape[2:]
-        phases = [
-            y[:, p * c_out : (p + 1) * c_out, rx : rx + nx, ry : ry + ny, rz : rz + nz]
-            for p, (rx, ry, rz) in enumerate((rx, ry, rz) for rx in (0, 1) for ry in (0, 1) for rz in (0, 1))
-        ]
-        out = torch.stack(phases, 1).view(b, 2, 2, 2, c_out, nx, ny, nz)  # (B, rx, ry, rz, C_out, X, Y, Z)
-        out = out.permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c_out, 2 * nx, 2 * ny, 2 * nz)  # (B, C_out, 2X, 2Y, 2Z)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
+        return conv_transpose_2x(x, self.weight, self.bias)
+
+
+class NearestResizeConv3d(nn.Sequential):
+    """Nearest-neighbour 2× upsampling, then a 3³ convolution (the resize-convolution of Odena et
+    al. 2016), computed as the transposed convolution it equals, without building the upsampled grid.
+
+    After nearest upsampling, the 3 taps of an axis fall on only 2 distinct inputs: output 2m reads
+    m - 1 with tap 0 and m with taps 1 + 2; output 2m + 1 reads m with taps 0 + 1 and m + 1 with tap 2.
+    That is a 4-tap, stride-2 transposed convolution whose taps are sums of the 3 (`_TAP_SUMS`), one
+    whose phases share their weights, which is why it cannot make a checkerboard. Computed this way it
+    costs 64 multiply-adds per input voxel and channel pair instead of 216, the same as the transposed
+    convolution: computed naively, resize made the 64³ training step 2.5× slower (docs/results.md).
+    It stays a Sequential of (Upsample, Conv3d), so its parameters and checkpoint keys are the naive
+    form's, and `naive_forward` is kept to test against.
+    """
+
+    # Rows: the transposed kernel's taps 0-3 (phase and tap (1, 1), (0, 1), (1, 0), (0, 0) by
+    # _PHASE_TAPS); columns: the 3 taps of the 3³ kernel that land on that input.
+    _TAP_SUMS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+    def __init__(self, c_in: int, c_out: int, bias: bool):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=bias)
+        )
+
+    def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self[1]
+        sums = self._TAP_SUMS.to(conv.weight)
+        weight = torch.einsum("ka,lb,mc,oiabc->ioklm", sums, sums, sums, conv.weight)  # (C_in, C_out, 4, 4, 4)
+        return conv_transpose_2x(x, weight, conv.bias)
 
 
 class PixelShuffleUp3d(nn.Module):
@@ -103,9 +151,7 @@ def upsampling(kind: str, c_in: int, c_out: int, bias: bool) -> nn.Module:
         layer = PhaseSplitConvTranspose3d if c_out <= 8 else nn.ConvTranspose3d
         return layer(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=bias)
     if kind == "resize":
-        return nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=bias)
-        )
+        return NearestResizeConv3d(c_in, c_out, bias)
     if kind == "pixel_shuffle":
         return PixelShuffleUp3d(c_in, c_out, bias)
     raise ValueError(f"unknown model.upsample {kind!r}")

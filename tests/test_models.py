@@ -12,6 +12,7 @@ from medsynth.losses import discriminator_loss, generator_loss, gradient_penalty
 from medsynth.models import (
     Discriminator3d,
     Generator3d,
+    NearestResizeConv3d,
     PhaseSplitConvTranspose3d,
     PixelShuffleUp3d,
     build_models,
@@ -180,6 +181,25 @@ def test_phase_split_transposed_convolution_equals_the_plain_one(c_in, c_out, gr
     grads_fast = torch.autograd.grad(out_fast, [x, fast.weight, fast.bias], upstream)
     grads_plain = torch.autograd.grad(out_plain, [x, plain.weight, plain.bias], upstream)
     for got, expected in zip(grads_fast, grads_plain, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "grid"), [(8, 1, (4, 4, 4)), (4, 3, (3, 5, 2)), (3, 12, (2, 3, 4))])
+def test_resize_convolution_equals_upsampling_then_convolving(c_in, c_out, grid):
+    """Resize-convolution is computed as a transposed convolution with summed taps (speed), by the
+    phase split for few outputs and by torch's transposed convolution for many: it must equal
+    nearest upsampling followed by the 3³ convolution, in values and in every gradient."""
+    torch.manual_seed(0)
+    layer = NearestResizeConv3d(c_in, c_out, bias=True).double()
+    x = torch.randn(2, c_in, *grid, dtype=torch.float64, requires_grad=True)
+    out_fast, out_naive = layer(x), layer.naive_forward(x)
+    assert out_fast.shape == out_naive.shape == (2, c_out, *(2 * n for n in grid))
+    torch.testing.assert_close(out_fast, out_naive)
+    upstream = torch.randn_like(out_naive)
+    parameters = [x, layer[1].weight, layer[1].bias]
+    grads_fast = torch.autograd.grad(out_fast, parameters, upstream)
+    grads_naive = torch.autograd.grad(out_naive, parameters, upstream)
+    for got, expected in zip(grads_fast, grads_naive, strict=True):
         torch.testing.assert_close(got, expected)
 
 
