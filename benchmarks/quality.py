@@ -20,6 +20,14 @@ and OUT/quality.json.
 It runs unattended and resumes: a variant whose report exists is not redone, and a stopped training
 run continues from its checkpoint (medsynth's exact resume). With --minutes, training stops at that
 wall-time budget instead (SIGTERM: medsynth checkpoints and exits), and the row says the step reached.
+
+Fine-tuning (`medsynth train --init-from`) is compared on a small dataset that resembles a larger
+one: --train-rest-of 40 trains a source run on the training scans that --train-subset 40 leaves
+out, and the small-data variants then train on those 40 from scratch or from the source:
+
+    python benchmarks/quality.py ... --train-rest-of 40 --variant source= --out bench/ft-source
+    python benchmarks/quality.py ... --train-subset 40 --variant scratch= \
+        --variant fine-tuned="--init-from bench/ft-source/runs/source" --out bench/ft
 """
 
 from __future__ import annotations
@@ -53,6 +61,24 @@ def split_scans(data: Path, split_dir: Path) -> tuple[Path, Path, int, int]:
         if not link.exists():
             link.symlink_to(entry.resolve())
     return train_dir, held_dir, len(entries) - len(entries) // 4, len(entries) // 4
+
+
+def subset_of(train_dir: Path, size: int) -> tuple[list[Path], list[Path]]:
+    """`size` training entries spread evenly over the sorted names, and the rest: the small new
+    dataset of a fine-tuning comparison and the larger one its source run trains on."""
+    entries = sorted(train_dir.iterdir())
+    if not 0 < size < len(entries):
+        sys.exit(f"--train-subset {size}: the training split has {len(entries)} entries")
+    chosen = {round(i * len(entries) / size) for i in range(size)}
+    return [e for i, e in enumerate(entries) if i in chosen], [e for i, e in enumerate(entries) if i not in chosen]
+
+
+def link_folder(folder: Path, entries: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        if not (folder / entry.name).exists():
+            (folder / entry.name).symlink_to(entry.resolve())
+    return folder
 
 
 def medsynth(*args: str, timeout_s: float | None = None) -> tuple[int, float]:
@@ -206,11 +232,22 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help='NAME=OVERRIDES, e.g. lazy-r1="loss.r1_interval=16 loss.share_fake=true"; NAME= for the config as is',
+        help='NAME=OVERRIDES, e.g. lazy-r1="loss.r1_interval=16 loss.share_fake=true"; NAME= for the config as '
+        'is; words starting with -- go to medsynth train as options, e.g. tuned="--init-from RUN"',
     )
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="generator updates per variant")
     budget.add_argument("--minutes", type=float, help="training wall time per variant")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument(
+        "--train-subset", type=int, metavar="N", help="train on N of the training scans only (a small dataset)"
+    )
+    subset.add_argument(
+        "--train-rest-of",
+        type=int,
+        metavar="N",
+        help="train on the training scans --train-subset N leaves out (a fine-tuning source run)",
+    )
     parser.add_argument("--samples", type=int, default=64, help="synthetic volumes per variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="compute threads for every command")
@@ -223,6 +260,13 @@ def main() -> None:
     print(f"ran on: {machine}", flush=True)
     train_dir, held_dir, n_train, n_held = split_scans(args.data, args.out / "split")
     print(f"split of {args.data}: {n_train} training, {n_held} held out (every fourth by sorted name)", flush=True)
+    if args.train_subset or args.train_rest_of:
+        subset, rest = subset_of(train_dir, args.train_subset or args.train_rest_of)
+        if args.train_subset:
+            train_dir, n_train = link_folder(args.out / "split" / f"train-{len(subset)}", subset), len(subset)
+        else:
+            train_dir, n_train = link_folder(args.out / "split" / f"train-without-{len(subset)}", rest), len(rest)
+        print(f"training on {n_train} of them: {train_dir}", flush=True)
     common = [*(["--threads", str(args.threads)] if args.threads else [])]
     real_geometry = None  # measured on the first run's plan grid
     rows = []
@@ -230,7 +274,12 @@ def main() -> None:
         run, samples, report_dir = args.out / "runs" / name, args.out / "samples" / name, args.out / "eval" / name
         timing_file = run / "quality-train-seconds.json"
         if not (report_dir / "report.json").exists():
-            sets = [a for o in shlex.split(overrides) for a in ("--set", o)]
+            # "--option value" words go to `medsynth train` as they are (e.g. --init-from RUN); the
+            # other words are settings, each passed with --set.
+            words, sets = shlex.split(overrides), []
+            while words:
+                word = words.pop(0)
+                sets += [word, words.pop(0)] if word.startswith("--") else ["--set", word]
             config = ["--config", str(args.config)] if args.config else []
             steps = ["--max-steps", str(args.steps)] if args.steps else []
             spent = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
@@ -266,7 +315,7 @@ def main() -> None:
         print(text, flush=True)
         header = (
             f"Quality benchmark: {args.data} ({n_train} train / {n_held} held out), config "
-            f"{args.config or 'defaults'}, budget {f'{args.steps} steps' if args.steps else f'{args.minutes} min'}, "
+            f"{args.config or 'defaults'}, trained on {n_train}, budget {f'{args.steps} steps' if args.steps else f'{args.minutes} min'}, "
             f"{args.samples} samples each.\nRan on: {machine}\n"
             f"Command: python {shlex.join(sys.argv)}\n\n"
         )

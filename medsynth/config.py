@@ -161,6 +161,9 @@ class ModelConfig:
     # Channels at the finest resolution; each halving of the grid doubles them, up to max_channels.
     base_channels: int = 32
     max_channels: int = 512
+    # The generator's channels at its finest resolution, where they should differ from the
+    # discriminator's base_channels: to compare generators at equal FLOPs, or to give G more room.
+    generator_channels: int | None = None
     # Side of the smallest grid: the generator starts there and the discriminator ends there.
     base_grid: int = 4
     # Normalisation after every discriminator layer but the first ("batch" is the DCGAN paper's).
@@ -182,7 +185,8 @@ class ModelConfig:
     # 2016: every output voxel gets the same number of taps, so no checkerboard by construction).
     # "pixel_shuffle": a 3³ convolution to 8× the channels, then depth-to-space, initialised as
     # the resize form (ICNR, Aitken et al. 2017) so that it starts free of checkerboard too.
-    # Both alternatives cost 27/8 of the transposed convolution's FLOPs at the same width.
+    # Resize costs the same FLOPs as transposed (it is computed as the transposed convolution it
+    # equals, models.NearestResizeConv3d); pixel_shuffle costs 27/8 of them at the same width.
     upsample: Literal["transposed", "resize", "pixel_shuffle"] = "transposed"
 
     def __post_init__(self) -> None:
@@ -190,6 +194,8 @@ class ModelConfig:
             raise ConfigError(
                 "model.latent_dim, model.base_channels must be positive and max_channels >= base_channels"
             )
+        if self.generator_channels is not None and not 1 <= self.generator_channels <= self.max_channels:
+            raise ConfigError(f"model.generator_channels must be from 1 to max_channels, got {self.generator_channels}")
         if self.pack < 1:
             raise ConfigError(f"model.pack must be at least 1, got {self.pack}")
         if not _is_power_of_two(self.base_grid) or not 2 <= self.base_grid <= 16:

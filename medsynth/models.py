@@ -26,9 +26,9 @@ def stage_count(shape: tuple[int, int, int], base_grid: int) -> int:
     return int(math.log2(shortest // base_grid))
 
 
-def channels_per_stage(config: ModelConfig, stages: int) -> list[int]:
+def channels_per_stage(config: ModelConfig, stages: int, finest: int | None = None) -> list[int]:
     """Channels at each resolution, finest (shape / 2) first, coarsest (the base grid) last."""
-    return [min(config.base_channels * 2**i, config.max_channels) for i in range(stages)]
+    return [min((finest or config.base_channels) * 2**i, config.max_channels) for i in range(stages)]
 
 
 def _base_shape(shape: tuple[int, int, int], stages: int) -> tuple[int, int, int]:
@@ -165,7 +165,7 @@ class Generator3d(nn.Module):
         self.latent_dim = config.latent_dim
         self.shape = tuple(shape)
         stages = stage_count(self.shape, config.base_grid)
-        channels = channels_per_stage(config, stages)
+        channels = channels_per_stage(config, stages, config.generator_channels)
         self.base_shape = _base_shape(self.shape, stages)
         self.base_channels = channels[-1]
         self.project = nn.Linear(config.latent_dim, channels[-1] * math.prod(self.base_shape), bias=False)

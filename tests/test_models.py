@@ -17,6 +17,7 @@ from medsynth.models import (
     PixelShuffleUp3d,
     build_models,
     forward_flops,
+    parameter_count,
     sample_latent,
 )
 
@@ -233,3 +234,14 @@ def test_pixel_shuffle_places_each_channel_block_at_its_sub_voxel():
         layer.conv.weight[5, 0, 1, 1, 1] = 1.0  # identity into phase 5 = (rx, ry, rz) = (1, 0, 1)
         out = layer(torch.arange(8.0).view(1, 1, 2, 2, 2))
     assert out[0, 0, 1, 0, 1] == 0 and out[0, 0, 3, 2, 3] == 7 and out[0, 0, 0, 0, 0] == 0
+
+
+def test_generator_channels_set_the_generator_width_only():
+    """model.generator_channels widens or narrows G alone (for comparisons at equal FLOPs)."""
+    config = ModelConfig(latent_dim=8, base_channels=4, max_channels=64)
+    narrow = ModelConfig(latent_dim=8, base_channels=4, max_channels=64, generator_channels=2)
+    generator, discriminator = build_models(config, (16, 16, 16))
+    narrow_generator, same_discriminator = build_models(narrow, (16, 16, 16))
+    assert parameter_count(narrow_generator) < parameter_count(generator)
+    assert parameter_count(same_discriminator) == parameter_count(discriminator)
+    assert narrow_generator(torch.randn(2, 8)).shape == (2, 1, 16, 16, 16)
