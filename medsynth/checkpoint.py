@@ -154,6 +154,11 @@ def _upgrade(payload: dict[str, Any]) -> Checkpoint:
         affine = payload.pop("sample_affine", None)
         payload["plan"] = {**payload["plan"], "output_affine": affine}
         payload["schema_version"] = 2
+    model = payload["config"].setdefault("model", {})
+    if "upsample" not in model:
+        # Written before model.upsample existed, when every generator was the transposed one; the
+        # default is now resize, which would not fit these weights.
+        model["upsample"] = "transposed"
     return payload  # type: ignore[return-value]
 
 

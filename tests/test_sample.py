@@ -322,6 +322,25 @@ def test_a_version_1_checkpoint_samples_the_same_files(run_cli, ct_run, tmp_path
         np.testing.assert_array_equal(a, nib.load(str(tmp_path / "old" / name)).affine)
 
 
+def test_a_checkpoint_from_before_model_upsample_loads_its_transposed_generator(ct_run, tmp_path):
+    """Checkpoints written before model.upsample existed hold transposed-convolution generators;
+    they must load as such, whatever the default has become since."""
+    from dataclasses import replace
+
+    from medsynth.checkpoint import generator_from_checkpoint
+    from medsynth.config import config_from_dict
+    from medsynth.models import Generator3d
+
+    payload = load_checkpoint(ct_run)
+    model = replace(config_from_dict(payload["config"]).model, upsample="transposed")
+    old_generator = Generator3d(model, tuple(payload["plan"]["target_shape"]))
+    payload["generator"] = payload["generator_ema"] = old_generator.state_dict()
+    del payload["config"]["model"]["upsample"]
+    torch.save(dict(payload), tmp_path / "old.pt")
+    generator = generator_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+    assert any(isinstance(m, torch.nn.ConvTranspose3d) for m in generator.modules())
+
+
 def test_mr_window_follows_the_configured_percentiles(tmp_path, run_cli):
     """The window `sample` maps [-1, 1] back to is the typical window at the percentiles each
     training volume was windowed at, computed by the same function: not fixed 0.5/99.5."""
