@@ -48,6 +48,12 @@ def _root(
 
 CONFIG_HELP = "YAML config file (see configs/). Settings: defaults < this file < --set < flags."
 SET_HELP = "Override one setting, e.g. --set plan.target_shape=[128,128,64]. Repeatable."
+LABELS_HELP = (
+    "Folder of label maps (segmentations) to pair with the images: each image pairs with the file of its own "
+    "name, or its name plus _seg, _label, _labels or _mask before the extension (case01.nii.gz with "
+    "case01_seg.nii.gz). Not needed for an nnU-Net v2 or Decathlon dataset folder (dataset.json, imagesTr, "
+    "labelsTr), which brings its own."
+)
 THREADS_HELP = (
     "Compute threads for this process (default: one per available core). Give each of several processes its share."
 )
@@ -73,17 +79,22 @@ EXISTING = {"exists": True, "resolve_path": False}
 EXISTING_FILE = {"exists": True, "dir_okay": False}
 
 
-def _load_config(config_path: Path | None, overrides: list[str]):
-    from medsynth.config import load_config
+def _load_config(config_path: Path | None, overrides: list[str], labels: Path | None = None):
+    from medsynth.config import load_config, replace
 
-    return load_config(config_path, overrides)
+    settings = load_config(config_path, overrides)
+    if labels is not None:  # resolved, so a resumed run compares the folder, not how it was typed
+        settings = replace(settings, labels=replace(settings.labels, dir=str(labels.resolve())))
+    return settings
 
 
 @app.command(
     epilog=(
         "Examples:\n\n"
         "  medsynth inspect ~/scans/brains\n\n"
-        "  medsynth inspect ~/scans/ct --set plan.target_shape=[128,128,64] --json > report.json"
+        "  medsynth inspect ~/scans/ct --set plan.target_shape=[128,128,64] --json > report.json\n\n"
+        "  medsynth inspect ~/scans/hippocampus --labels ~/scans/hippocampus-labels\n\n"
+        "  medsynth inspect ~/nnUNet_raw/Dataset004_Hippocampus   # its labelsTr and dataset.json"
     )
 )
 def inspect(
@@ -94,6 +105,7 @@ def inspect(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP, exists=True, file_okay=False),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     save_plan: Path | None = typer.Option(
         None, "--save-plan", help="Also write the plan to this JSON file (for `train --plan`).", dir_okay=False
@@ -108,7 +120,7 @@ def inspect(
     from medsynth.pipeline import NoUsableSources
     from medsynth.plan import Plan
 
-    settings = _load_config(config, set_)
+    settings = _load_config(config, set_, labels)
     try:
         with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
             report = inspect_folder(scan_dir, settings, cache_dir, progress)
@@ -137,6 +149,7 @@ def inspect(
         "  medsynth train ~/scans/brains -o runs/brains --max-steps 20000   # resume, and train longer\n\n"
         "  medsynth inspect ~/scans/brains --save-plan plan.json   # edit it, then:\n\n"
         "  medsynth train ~/scans/brains -o runs/brains --plan plan.json\n\n"
+        "  medsynth train ~/scans/hippocampus --labels ~/scans/hippocampus-labels -o runs/hippo\n\n"
         "  torchrun --nproc_per_node 4 -m medsynth train ~/scans/ct -o runs/ct --config configs/ct-128.yaml"
     )
 )
@@ -153,6 +166,13 @@ def train(
         **EXISTING_FILE,
     ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        help=LABELS_HELP + " Label maps are checked and cached with their images (the model does not learn them yet).",
+        exists=True,
+        file_okay=False,
+    ),
     init_from: Path | None = typer.Option(
         None,
         "--init-from",
@@ -181,7 +201,7 @@ def train(
     from medsynth.config import replace
     from medsynth.plan import Plan
 
-    settings = _load_config(config, set_)
+    settings = _load_config(config, set_, labels)
     flags = {
         k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "device": device}.items() if v is not None
     }
@@ -197,6 +217,7 @@ def train(
 
     from medsynth.runs import train_run
 
+    _say_labels_not_modelled(scan_dir, settings)
     with _training_session(settings) as (runtime, progress, display):
         result = train_run(
             scan_dir,
@@ -215,6 +236,19 @@ def train(
         console.info(
             f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
             f"metrics in {output / 'metrics.jsonl'}"
+        )
+
+
+def _say_labels_not_modelled(scan_dir: Path, settings) -> None:
+    """Training with label maps prepares them, but the model does not use them yet: say so."""
+    from medsynth.io.labels import dataset_layout
+
+    if (settings.labels.dir or dataset_layout(scan_dir)) and int(os.environ.get("RANK", "0")) == 0:
+        from medsynth import console
+
+        console.info(
+            "label maps are paired, checked and cached with their images (manifest.json lists them), "
+            "but the model does not learn them yet: this run trains on the images alone"
         )
 
 

@@ -49,6 +49,25 @@ class IoConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """Segmentation label maps paired with the images (medsynth.io.labels has the pairing rule)."""
+
+    # Folder of label maps (`--labels`): each image pairs with the file of its name, or its name
+    # plus _seg, _label, _labels or _mask. null: no labels, unless the scan folder is an nnU-Net v2
+    # or Decathlon dataset, whose labelsTr is used.
+    dir: str | None = None
+    # An image with no usable label map: "refuse" stops before training and names each one (a
+    # missing label is most often a naming slip, and half a paired set is not what was asked
+    # for); "skip" trains without those images and lists them. null means "refuse": every new
+    # setting defaults to null, so that a run saved before the setting existed resumes unchanged.
+    unlabeled: Literal["refuse", "skip"] | None = None
+
+    @property
+    def skip_unlabeled(self) -> bool:
+        return self.unlabeled == "skip"
+
+
+@dataclass(frozen=True)
 class PlanConfig:
     """What the dataset plan is derived from. Everything left as "auto" is read off the data."""
 
@@ -280,6 +299,7 @@ class Config:
     """The whole resolved configuration of a run."""
 
     io: IoConfig = field(default_factory=IoConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

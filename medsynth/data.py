@@ -6,7 +6,9 @@ run finds everything ready and only changed files are redone. Layout of the cach
 
     file-hashes.json                    path -> (size, mtime, sha256), so unchanged files are not re-hashed
     fingerprints/<key>-p<lo>-<hi>.json  per-source fingerprint, keyed by content and window percentiles
-    volumes/<key>.npy / .json           preprocessed volume (float32 in [-1, 1]) and its window and affine
+    volumes/<key>.npy / .json           preprocessed volume (float32 in [-1, 1]) and its window and affine;
+                                        or a preprocessed label map (uint8) and its label values
+    labels/<key>.json                   a label map's check against its image (its values), by content
     manifests/<key>.json                the list of volumes for one (folder, plan)
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from medsynth.atomic import atomic_write_json
 from medsynth.config import AugmentConfig, Config
 from medsynth.io import Source, file_sha256
 from medsynth.plan import FINGERPRINT_VERSION, Plan
+from medsynth.preprocess import LABEL_PREPROCESS_VERSION
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +95,22 @@ def volume_key(key: str, plan: Plan) -> str:
     return hashlib.sha256(f"{key}:{plan.preprocessing_key()}".encode()).hexdigest()
 
 
+def label_key(label_source_key: str, image_source_key: str) -> str:
+    """Content address of a label map as its image's label map: both files' contents."""
+    return hashlib.sha256(f"label:{label_source_key}:{image_source_key}".encode()).hexdigest()
+
+
+def label_check_path(cache: Path, key: str) -> Path:
+    """Where a label map's check against its image (its values) is cached."""
+    return cache / "labels" / f"{key}.json"
+
+
+def label_volume_key(key: str, image_volume_key: str) -> str:
+    """Cache key of a preprocessed label map: its content and its image's volume key, which covers
+    the image's content and the plan, and so the crop the label map shares with its image."""
+    return hashlib.sha256(f"{key}:{image_volume_key}:{LABEL_PREPROCESS_VERSION}".encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # What the cache holds
 
@@ -103,6 +122,15 @@ class CacheEntry:
     path: str  # the .npy file
     window: tuple[float, float]  # intensity window that maps to [-1, 1], in the scan's units
     affine: tuple[tuple[float, ...], ...]  # RAS+ affine of the preprocessed array
+    # The paired label map, preprocessed on the same grid (same affine): None without labels.
+    label_name: str | None = None  # the label map's name, for people
+    label_key: str | None = None
+    label_path: str | None = None  # the uint8 .npy file
+    label_values: tuple[int, ...] | None = None  # the values in the preprocessed label map
+
+    def to_dict(self) -> dict[str, Any]:
+        """For manifests: an entry without a label map is written exactly as before labels existed."""
+        return {k: v for k, v in self.__dict__.items() if v is not None or not k.startswith("label_")}
 
 
 def cache_entry(name: str, key: str, path: Path, record: dict[str, Any]) -> CacheEntry:
@@ -115,12 +143,25 @@ def cache_entry(name: str, key: str, path: Path, record: dict[str, Any]) -> Cach
     )
 
 
+def with_label(entry: CacheEntry, name: str, key: str, path: Path, record: dict[str, Any]) -> CacheEntry:
+    """`entry` with its preprocessed label map (the .npy at `path`, `record` its .json)."""
+    return replace(
+        entry,
+        label_name=name,
+        label_key=key,
+        label_path=str(path),
+        label_values=tuple(int(v) for v in record["values"]),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving volumes to training
 
 
 class CachedVolumeDataset:
-    """Map-style dataset over cached volumes: item i is a (1, X, Y, Z) float32 array in [-1, 1].
+    """Map-style dataset over cached volumes: item i is a (1, X, Y, Z) float32 array in [-1, 1];
+    with `label_paths` (one per volume), the pair (volume, its label map as (1, X, Y, Z) uint8),
+    flipped together.
 
     Arrays are memory-mapped, so worker processes share the page cache instead of copies.
     Augmentation draws from a generator seeded by (seed, epoch, index): the same epoch gives the
@@ -128,12 +169,22 @@ class CachedVolumeDataset:
     A plain class works with torch's DataLoader, and keeps torch out of this module's imports.
     """
 
-    def __init__(self, paths: list[str], augment: AugmentConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        paths: list[str],
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        label_paths: list[str] | None = None,
+    ):
         self.paths = list(paths)
+        self.label_paths = list(label_paths) if label_paths is not None else None
+        if self.label_paths is not None and len(self.label_paths) != len(self.paths):
+            raise ValueError(f"{len(self.label_paths)} label maps for {len(self.paths)} volumes")
         self.augment = augment or AugmentConfig(flip_axes=(), intensity_jitter=0.0)
         self.seed = seed
         self.epoch = 0
         self._arrays: dict[int, np.ndarray] = {}
+        self._label_maps: dict[int, np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -146,15 +197,25 @@ class CachedVolumeDataset:
             self._arrays[index] = np.load(self.paths[index], mmap_mode="r")
         return self._arrays[index]
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def _label_map(self, index: int) -> np.ndarray:
+        if index not in self._label_maps:
+            self._label_maps[index] = np.load(self.label_paths[index], mmap_mode="r")  # type: ignore[index]
+        return self._label_maps[index]
+
+    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         volume = np.array(self._array(index), dtype=np.float32)  # (X, Y, Z), a private copy
+        labels = self._label_map(index) if self.label_paths is not None else None
         augment = self.augment
         if augment.flip_axes or augment.intensity_jitter:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             for axis in augment.flip_axes:
                 if rng.random() < augment.flip_probability:
                     volume = np.flip(volume, axis=axis)
-            if augment.intensity_jitter:
+                    labels = np.flip(labels, axis=axis) if labels is not None else None
+            if augment.intensity_jitter:  # intensities only: a label map has none
                 factor = 1.0 + rng.uniform(-augment.intensity_jitter, augment.intensity_jitter)
                 volume = np.clip((volume + 1.0) * factor - 1.0, -1.0, 1.0)  # scale about the background
-        return np.ascontiguousarray(volume[None], dtype=np.float32)  # (1, X, Y, Z)
+        volume = np.ascontiguousarray(volume[None], dtype=np.float32)  # (1, X, Y, Z)
+        if labels is None:
+            return volume
+        return volume, np.ascontiguousarray(labels[None], dtype=np.uint8)  # (1, X, Y, Z) each

@@ -8,9 +8,21 @@ from typing import Any
 from medsynth import console
 from medsynth.config import Config
 from medsynth.io import Skipped, Source
+from medsynth.io.labels import PairingError
 from medsynth.io.nifti import format_name
-from medsynth.pipeline import NoUsableSources, Progress, fingerprint_folder
+from medsynth.pipeline import (
+    Fingerprinted,
+    NoUsableSources,
+    Progress,
+    fingerprint_folder,
+    plan_with_labels,
+    unlabeled_images,
+)
 from medsynth.plan import format_triple, make_plan
+
+# Beyond this many pairs, `inspect` summarises them by the label values they hold.
+_PAIRS_LISTED = 12
+_UNLABELED_LISTED = 20
 
 
 def _kind_label(source: Source) -> str:
@@ -35,7 +47,14 @@ def inspect_folder(
     """The whole report as plain data (what `--json` prints). Raises NoUsableSources, which
     carries every item's reason, if nothing is usable."""
     found = fingerprint_folder(root, config, cache_dir, progress)
-    plan = make_plan(found.fingerprint, config.plan)
+    verdict = ""
+    planned = found
+    if found.labelled is not None:
+        try:  # the images training would use, under labels.unlabeled
+            planned = unlabeled_images(found, config)
+        except PairingError as exc:
+            verdict = f"train would refuse: {exc}"
+    plan = plan_with_labels(make_plan(planned.fingerprint, config.plan), planned)
     by_name = {s.name: s for s in found.sources}
     sources = []
     for fp in found.fingerprint.sources:
@@ -60,13 +79,41 @@ def inspect_folder(
     summary.pop("sources")
     summary["n_sources"] = len(sources)
     summary["outliers"] = [{"name": n, "reason": r} for n, r in summary["outliers"]]
-    return {
+    report = {
         "root": str(root),
         "sources": sources,
         "skipped": _items([s for s in found.skipped if not s.ignored]),
         "ignored": _items([s for s in found.skipped if s.ignored]),
         "fingerprint": summary,
         "plan": plan.to_dict(),
+    }
+    if found.labelled is not None:
+        report["labels"] = _label_report(found, config, verdict)
+    return report
+
+
+def _label_report(found: Fingerprinted, config: Config, verdict: str) -> dict[str, Any]:
+    """The pairing: each image's label map and its values, the images without one and why."""
+    labelled = found.labelled
+    assert labelled is not None
+    values, names = found.label_set()
+    pairs = [
+        {"image": source.name, "label": label.name, "values": list(found_values or ())}
+        for source, label, found_values in zip(found.sources, found.labels, found.label_values)
+        if label is not None
+    ]
+    if not verdict and found.unlabeled:
+        verdict = f"train skips the {len(found.unlabeled)} unlabeled image(s) (labels.unlabeled = skip)"
+    return {
+        "layout": labelled.layout,
+        "label_dir": labelled.label_root,
+        "notes": list(labelled.notes),
+        "n_images": len(found.sources),
+        "pairs": pairs,
+        "unlabeled": [{"name": name, "reason": reason} for name, reason in found.unlabeled.items()],
+        "label_set": {"values": list(values), "names": list(names)},
+        "unlabeled_policy": "skip" if config.labels.skip_unlabeled else "refuse",
+        "verdict": verdict,
     }
 
 
@@ -135,6 +182,9 @@ def render(report: dict[str, Any]) -> None:
     if report["ignored"]:
         out.print("Ignored: " + "; ".join(f"{i['name']} ({i['reason']})" for i in report["ignored"]), markup=False)
 
+    if "labels" in report:
+        render_labels(report["labels"])
+
     fp = report["fingerprint"]
     counts = ", ".join(f"{n} {m.upper()}" for m, n in fp["modality_counts"].items())
     orientations = ", ".join(f"{n} {o}" for o, n in sorted(fp["orientation_counts"].items(), key=lambda kv: -kv[1]))
@@ -178,5 +228,50 @@ def render(report: dict[str, Any]) -> None:
         ["intensity window", window],
         ["synthetic output dtype", plan["output_dtype"]],
     ]
+    if plan.get("label_values") is not None:
+        plan_rows.append(["label set", _label_set(plan["label_values"], plan["label_names"])])
     plan_rows += [["note", n] for n in plan["notes"]]
     out.print(console.table("Plan", ["", ""], plan_rows, show_header=False))
+
+
+def _label_set(values: list[int], names: list[str]) -> str:
+    return ", ".join(f"{v} {n}" for v, n in zip(values, names)) or "none found"
+
+
+def render_labels(labels: dict[str, Any]) -> None:
+    """The pairing, short for large sets: a count, the label values (per file for a few files,
+    else grouped by the values they hold), then the problems one per line."""
+    out = console.out
+    pairs = labels["pairs"]
+    out.print(
+        f"Labels: {len(pairs)} of {labels['n_images']} images paired with label maps "
+        f"({labels['layout']}: {labels['label_dir']})",
+        markup=False,
+    )
+    for note in labels["notes"]:
+        out.print(f"  {note}", markup=False)
+    out.print(f"  label set: {_label_set(labels['label_set']['values'], labels['label_set']['names'])}", markup=False)
+    if pairs and len(pairs) <= _PAIRS_LISTED:
+        rows = [[p["image"], p["label"], ", ".join(map(str, p["values"]))] for p in pairs]
+        out.print(console.table("Image and label map pairs", ["image", "label map", "values"], rows))
+    elif pairs:
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for p in pairs:
+            groups.setdefault(tuple(p["values"]), []).append(p["image"])
+        rows = [
+            [
+                ", ".join(map(str, values)),
+                str(len(images)),
+                ", ".join(images[:3]) + (", ..." if len(images) > 3 else ""),
+            ]
+            for values, images in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        ]
+        out.print(console.table("Label values found", ["values", "label maps", "e.g."], rows))
+    unlabeled = labels["unlabeled"]
+    if unlabeled:
+        rows = [[u["name"], u["reason"]] for u in unlabeled[:_UNLABELED_LISTED]]
+        if len(unlabeled) > _UNLABELED_LISTED:
+            rows.append([f"and {len(unlabeled) - _UNLABELED_LISTED} more", "(all of them in --json)"])
+        out.print(console.table(f"{len(unlabeled)} without a usable label map", ["image", "why"], rows))
+    if labels["verdict"]:
+        out.print(labels["verdict"], markup=False)

@@ -288,6 +288,10 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     # RAS+ affine of every synthetic volume: set by `placed_at` once the training crops are known.
     output_affine: tuple[tuple[float, ...], ...] | None = None
+    # Paired label maps (`with_labels`): the sorted label values found and a class name for each.
+    # None for a dataset without labels, whose plan then reads and writes exactly as before.
+    label_values: tuple[int, ...] | None = None
+    label_names: tuple[str, ...] | None = None
 
     def preprocessing_key(self) -> str:
         """Hash of everything that changes a preprocessed volume; part of every cache key."""
@@ -332,10 +336,24 @@ class Plan:
         affine = centred_affine(self.target_shape, self.spacing, np.mean(centres, axis=0)[:3])
         return replace(self, output_affine=tuple(tuple(float(v) for v in row) for row in affine))
 
+    def with_labels(self, values: list[int] | tuple[int, ...], names: list[str] | tuple[str, ...]) -> Plan:
+        """This plan, recording the label set of its paired label maps. Labels never change how an
+        image is preprocessed, so `preprocessing_key` (and every image cache key) stays the same."""
+        if len(values) != len(names):
+            raise PlanError(f"{len(values)} label values but {len(names)} class names")
+        return replace(
+            self, label_values=tuple(sorted(int(v) for v in values)), label_names=tuple(str(n) for n in names)
+        )
+
     # ---------------------------------------------------------------- files
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # A plan without labels is written exactly as before labels existed.
+        for key in ("label_values", "label_names"):
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -350,6 +368,9 @@ class Plan:
             data[key] = tuple(data[key])
         if data.get("percentiles") is not None:
             data["percentiles"] = tuple(data["percentiles"])
+        for key in ("label_values", "label_names"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         if data.get("output_affine") is not None:
             data["output_affine"] = tuple(tuple(float(v) for v in row) for row in data["output_affine"])
         try:

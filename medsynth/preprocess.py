@@ -6,6 +6,10 @@ foreground -> map the intensity window to [-1, 1]. Each step takes and returns a
 pair, so world coordinates are tracked exactly through the chain, and `denormalise` is the exact
 inverse of `normalise` for values inside the window.
 
+A label map takes its image's geometric steps with nearest-neighbour rules (`resample_label`,
+`resample_label_to_grid`, and `crop_or_pad` with fill 0): every output voxel copies one input voxel
+or is background, so a label map never gains a value and is never smoothed.
+
 Orientation arithmetic uses `nibabel.orientations` (pure numpy, no file I/O); resampling uses torch.
 """
 
@@ -17,6 +21,8 @@ import numpy as np
 
 # Bump when any function here changes its output: it is part of every cache key.
 PREPROCESS_VERSION = 5
+# Bump when a label function here changes its output: it is part of every label map's cache key.
+LABEL_PREPROCESS_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +148,41 @@ def resample(
         return array, affine
     fill = float(array.min()) if fill is None else fill
     return resample_to_grid(array, affine, target_affine, target_shape, fill), target_affine
+
+
+def resample_label_to_grid(
+    labels: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: tuple[int, int, int]
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map (placed by `affine`) onto any target grid.
+
+    Each output voxel takes the value of the input voxel whose extent holds its centre, or 0
+    (background) outside the input: no value is ever made up, and nothing is smoothed, whatever the
+    zoom. The same function maps a label map from the model's grid back to a scan's grid.
+    Coordinates are float64 and rounding is numpy's, so ties do not depend on a GPU kernel.
+    """
+    mapping = np.linalg.solve(affine, target_affine)  # output index -> input index
+    shape = np.asarray(labels.shape[:3])
+    out = np.zeros(target_shape, dtype=labels.dtype)
+    j, k = np.meshgrid(np.arange(target_shape[1]), np.arange(target_shape[2]), indexing="ij")  # (Y', Z') each
+    plane = mapping[:3, 1:3] @ np.stack([j.ravel(), k.ravel()]) + mapping[:3, 3:4]  # (3, Y'*Z') at i = 0
+    for i in range(target_shape[0]):  # one x-plane at a time: memory stays at one plane of indices
+        nearest = np.floor(plane + mapping[:3, 0:1] * i + 0.5).astype(np.int64)  # (3, Y'*Z')
+        inside = ((nearest >= 0) & (nearest < shape[:, None])).all(axis=0)
+        values = np.zeros(nearest.shape[1], dtype=labels.dtype)
+        values[inside] = labels[nearest[0, inside], nearest[1, inside], nearest[2, inside]]
+        out[i] = values.reshape(target_shape[1], target_shape[2])
+    return out
+
+
+def resample_label(
+    labels: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float], deoblique: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """`resample` for a label map: the same output grid (`resampled_grid`), nearest neighbour,
+    background 0 where the grid reaches past the input. Returns (labels, affine)."""
+    target_affine, target_shape = resampled_grid(affine, labels.shape, spacing, deoblique)
+    if np.allclose(target_affine, affine, atol=1e-6) and tuple(target_shape) == labels.shape:
+        return labels, affine
+    return resample_label_to_grid(labels, affine, target_affine, target_shape), target_affine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,3 +211,22 @@ def voxel_corners_world(affine: np.ndarray, shape) -> np.ndarray:
     axes = [np.arange(n + 1) - 0.5 for n in shape]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     return grid @ affine[:3, :3].T + affine[:3, 3]
+
+
+def blob_labels(image: np.ndarray) -> np.ndarray:
+    """A label map drawn on `image` (from `blob_volume`): 1 on its bright ellipsoid, 2 on the ellipsoid's
+    +x half, 0 elsewhere. uint8, on the image's grid."""
+    labels = (image > 0).astype(np.uint8)
+    labels[image.shape[0] // 2 :][labels[image.shape[0] // 2 :] > 0] = 2
+    return labels
+
+
+def write_labelled_folders(root: Path, n=3, shape=(20, 24, 16), affine=None, suffix="_seg") -> tuple[Path, Path]:
+    """SCAN_DIR root/scans with n blob images scan<i>.nii.gz and LABEL_DIR root/labels with each one's
+    `blob_labels` as scan<i><suffix>.nii.gz (uint8), on the same grid."""
+    affine = np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine
+    for seed in range(n):
+        image = blob_volume(shape, seed=seed, high=800 + 100 * seed)
+        write_nifti(root / "scans" / f"scan{seed}.nii.gz", image, affine)
+        write_nifti(root / "labels" / f"scan{seed}{suffix}.nii.gz", blob_labels(image), affine, dtype=np.uint8)
+    return root / "scans", root / "labels"

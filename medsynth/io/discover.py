@@ -45,6 +45,12 @@ def _suffix(name: str) -> str:
     return os.path.splitext(lower)[1]
 
 
+def name_without_extension(name: str) -> str:
+    """A file name (or relative path) without its format's extension: "sub/case01.nii.gz" -> "sub/case01"."""
+    suffix = _suffix(os.path.basename(name))
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
 def unrecognised_reason(suffix: str, list_readable: bool = False) -> str:
     """Why a file of this suffix is not read, with advice where there is some; `list_readable`
     adds what medsynth does read (for a file the user named, or when nothing was usable)."""
