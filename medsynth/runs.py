@@ -20,7 +20,7 @@ from typing import Any
 
 from medsynth.atomic import atomic_write_bytes, atomic_write_json
 from medsynth.checkpoint import CheckpointError, load_checkpoint
-from medsynth.config import Config, config_to_dict
+from medsynth.config import Config, config_from_dict, config_to_dict
 from medsynth.distributed import Runtime, barrier
 from medsynth.errors import UsageError
 from medsynth.pipeline import Progress, prepare_dataset
@@ -45,6 +45,10 @@ RESUMABLE_CHANGES = {
     "cache.dir",
     "cache.workers",
 }
+# Settings whose default has changed: (the old default, the new). A run saved under the old default
+# (or before the setting existed) and resumed by the same command, which now resolves to the new
+# default, keeps the old: its weights were made for it.
+CHANGED_DEFAULTS: dict[str, tuple[Any, Any]] = {"model.upsample": ("transposed", "resize")}
 RUN_ARTEFACTS = (
     "checkpoints",
     "previews",
@@ -83,6 +87,19 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     ]
 
 
+def keeping_old_defaults(saved: dict[str, Any], current: Config) -> Config:
+    """`current`, with each setting of CHANGED_DEFAULTS back at the old default where the saved run
+    has the old default and `current` the new one."""
+    old, data = _flatten(saved), config_to_dict(current)
+    kept = False
+    for key, (old_default, new_default) in CHANGED_DEFAULTS.items():
+        section, name = key.split(".")
+        if old.get(key, old_default) == old_default and data[section][name] == new_default:
+            data[section][name] = old_default
+            kept = True
+    return config_from_dict(data) if kept else current
+
+
 def clear_run(run_dir: Path) -> None:
     """--force: remove a previous run's artefacts (only those medsynth writes, nothing else)."""
     for name in RUN_ARTEFACTS:
@@ -93,16 +110,18 @@ def clear_run(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def find_resume(run_dir: Path, config: Config, force: bool) -> dict[str, Any] | None:
-    """The checkpoint to resume from, None for a fresh start; RunRefused when the folder holds an
+def find_resume(run_dir: Path, config: Config, force: bool) -> tuple[dict[str, Any] | None, Config]:
+    """(The checkpoint to resume from, or None for a fresh start; the config to train with, which
+    keeps the run's old defaults: `keeping_old_defaults`). RunRefused when the folder holds an
     incompatible run and --force was not given."""
     last = run_dir / "checkpoints" / "last.pt"
     if force or not last.exists():
-        return None
+        return None, config
     try:
         payload = load_checkpoint(last)
     except CheckpointError as exc:
         raise RunRefused(f"{exc}. Use --force to start this run over, or another -o folder") from None
+    config = keeping_old_defaults(payload["config"], config)
     differences = config_differences(payload["config"], config)
     if differences:
         listed = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
@@ -110,7 +129,7 @@ def find_resume(run_dir: Path, config: Config, force: bool) -> dict[str, Any] | 
             f"{run_dir} holds a run (step {payload['step']}) with different settings ({listed}). "
             "Use the same settings to resume it, --force to start over, or another -o folder"
         )
-    return payload
+    return payload, config
 
 
 @dataclass
@@ -157,7 +176,7 @@ def train_run(
 
     run_dir = Path(run_dir)
     say = on_message if (on_message and runtime.is_main) else (lambda message: None)
-    resume = find_resume(run_dir, config, force)
+    resume, config = find_resume(run_dir, config, force)
     if resume:
         saved = Plan.from_dict(resume["plan"])
         if plan is not None and _plan_identity(plan) != _plan_identity(saved):

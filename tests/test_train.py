@@ -137,6 +137,17 @@ def test_existing_run_with_other_settings_is_refused_unless_forced(phantom_dir, 
     assert forced.resumed_from is None and load_checkpoint(tmp_path / "run")["config"]["model"]["base_channels"] == 8
 
 
+def test_a_run_made_under_an_old_default_resumes_with_it(phantom_dir, tmp_path):
+    """model.upsample's default changed from transposed to resize: a run started under the old
+    default resumes, by the same command, with its own generator, not refused or rebuilt."""
+    train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=2", "model.upsample=transposed"), CPU)
+    resumed = train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=3"), CPU)
+    assert resumed.resumed_from == 2 and resumed.step == 3
+    assert load_checkpoint(tmp_path / "run")["config"]["model"]["upsample"] == "transposed"
+    with pytest.raises(RunRefused, match="model.upsample"):  # asked for by name, it is not the run's
+        train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=4", "model.upsample=pixel_shuffle"), CPU)
+
+
 def test_corrupt_last_checkpoint_is_refused_clearly(phantom_dir, tmp_path):
     train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=2"), CPU)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"garbage")
