@@ -202,13 +202,14 @@ class ModelConfig:
     # How the generator doubles its grid. "transposed": the DCGAN paper's 4³ stride-2 transposed
     # convolution. "resize": nearest-neighbour upsampling, then a 3³ convolution (Odena et al.
     # 2016: every output voxel gets the same number of taps, so no checkerboard by construction).
+    # "trilinear": resize with trilinear instead of nearest upsampling (models.TrilinearResizeConv3d).
     # "pixel_shuffle": a 3³ convolution to 8× the channels, then depth-to-space, initialised as
     # the resize form (ICNR, Aitken et al. 2017) so that it starts free of checkerboard too.
     # Resize costs the same FLOPs as transposed (it is computed as the transposed convolution it
     # equals, models.NearestResizeConv3d); pixel_shuffle costs 27/8 of them at the same width.
     # Resize is the default: on IXI at 1000 steps it beat transposed on every figure of the quality
     # benchmark, by more than the intervals (C2ST 0.735 against 0.971; docs/results.md).
-    upsample: Literal["transposed", "resize", "pixel_shuffle"] = "resize"
+    upsample: Literal["transposed", "resize", "trilinear", "pixel_shuffle"] = "resize"
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:

@@ -15,6 +15,8 @@ from medsynth.models import (
     NearestResizeConv3d,
     PhaseSplitConvTranspose3d,
     PixelShuffleUp3d,
+    TrilinearResizeConv3d,
+    binomial_blur,
     build_models,
     forward_flops,
     parameter_count,
@@ -55,7 +57,7 @@ def test_non_cubic_base_grid_follows_the_shortest_axis():
 def test_width_is_set_by_base_channels():
     narrow = Generator3d(ModelConfig(base_channels=8), (32, 32, 32))
     wide = Generator3d(ModelConfig(base_channels=16), (32, 32, 32))
-    assert narrow.to_volume.in_channels == 8 and wide.to_volume.in_channels == 16
+    assert narrow.to_volume[1].in_channels == 8 and wide.to_volume[1].in_channels == 16
     assert sum(p.numel() for p in wide.parameters()) > 2 * sum(p.numel() for p in narrow.parameters())
 
 
@@ -69,8 +71,16 @@ def test_discriminator_structure_first_layer_without_norm_and_leaky_relu():
     assert isinstance(layers[3], torch.nn.BatchNorm3d)
 
 
+def test_generator_structure_resize_convolutions_batchnorm_relu():
+    generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))  # model.upsample=resize, the default
+    first, norm, activation = generator.blocks[:3]
+    assert isinstance(first, NearestResizeConv3d) and first[1].kernel_size == (3, 3, 3)
+    assert isinstance(norm, torch.nn.BatchNorm3d) and isinstance(activation, torch.nn.ReLU)
+    assert isinstance(generator.to_volume, NearestResizeConv3d)
+
+
 def test_generator_structure_transposed_convolutions_batchnorm_relu():
-    generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))
+    generator = Generator3d(ModelConfig(base_channels=4, upsample="transposed"), (32, 32, 32))
     first, norm, activation = generator.blocks[:3]
     assert isinstance(first, torch.nn.ConvTranspose3d) and first.stride == (2, 2, 2)
     assert isinstance(norm, torch.nn.BatchNorm3d) and isinstance(activation, torch.nn.ReLU)
@@ -90,21 +100,33 @@ def test_spectral_norm_option():
 
 def test_dcgan_initialisation():
     torch.manual_seed(0)
-    generator = Generator3d(ModelConfig(base_channels=16), (32, 32, 32))
-    conv = generator.blocks[0]
-    assert abs(conv.weight.std().item() - 0.02) < 0.002 and abs(conv.weight.mean().item()) < 0.002
+    for upsample in ("resize", "transposed"):
+        generator = Generator3d(ModelConfig(base_channels=16, upsample=upsample), (32, 32, 32))
+        conv = generator.blocks[0][1] if upsample == "resize" else generator.blocks[0]
+        assert abs(conv.weight.std().item() - 0.02) < 0.002 and abs(conv.weight.mean().item()) < 0.002
     norm = generator.blocks[1]
     assert abs(norm.weight.mean().item() - 1.0) < 0.01 and norm.bias.abs().max() == 0
 
 
 def test_flop_count_matches_the_arithmetic():
-    config = ModelConfig(latent_dim=8, base_channels=2, max_channels=4)
+    config = ModelConfig(latent_dim=8, base_channels=2, max_channels=4, upsample="transposed")
     generator = Generator3d(config, (16, 16, 16))
     # Linear 8 -> 4*4^3 (2*8*256), 2 FLOPs per MAC. The transposed convolutions with few outputs,
     # ConvT 4->2 on 4^3 inputs and ConvT 2->1 on 8^3 inputs, run as 2^3 convolutions with 8x the
     # outputs over the grid padded by one (5^3 and 9^3 outputs).
     expected = 2 * 8 * 256 + 2 * 4 * 16 * 2**3 * 5**3 + 2 * 2 * 8 * 2**3 * 9**3
     assert forward_flops(generator, torch.zeros(1, 8)) == expected
+
+
+def test_resize_costs_the_flops_of_transposed_at_the_same_width():
+    """Computed as the transposed convolution it equals, resize-convolution costs what transposed
+    does, plus the small, batch-independent cost of summing its taps (not 27/8 of it)."""
+    flops = {
+        upsample: forward_flops(Generator3d(ModelConfig(upsample=upsample), (32, 32, 32)), torch.zeros(8, 128))
+        for upsample in ("transposed", "resize", "pixel_shuffle")
+    }
+    assert flops["transposed"] <= flops["resize"] < 1.05 * flops["transposed"]
+    assert flops["pixel_shuffle"] > 3 * flops["transposed"]
 
 
 def test_latent_priors():
@@ -204,7 +226,21 @@ def test_resize_convolution_equals_upsampling_then_convolving(c_in, c_out, grid)
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("upsample", ["transposed", "resize", "pixel_shuffle"])
+def test_trilinear_resize_convolution_is_trilinear_upsampling_then_convolving():
+    """The binomial filter after nearest upsampling is trilinear upsampling exactly; after the
+    convolution instead of before, the same away from the faces (where the filter repeats edges and
+    the convolution pads with zeros)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    trilinear = torch.nn.functional.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+    nearest = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(binomial_blur(nearest), trilinear)
+    layer = TrilinearResizeConv3d(3, 4, bias=True).double()
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(layer(x)[inner], layer[1](trilinear)[inner])
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "resize", "trilinear", "pixel_shuffle"])
 @pytest.mark.parametrize("shape", [(16, 16, 16), (32, 16, 16)])
 def test_every_upsampling_builds_the_volume_shape(upsample, shape):
     config = ModelConfig(latent_dim=8, base_channels=2, max_channels=8, upsample=upsample)
