@@ -12,7 +12,8 @@ still the un-augmented anatomy.
 The transforms respect anatomy: left-right flips only along `augment.flip_axes` (never up/down),
 isotropic scaling by 2^N(0, 0.2), translation by up to an eighth of each side (one resampling for
 all three, so a volume is interpolated at most once), and an intensity gamma 2^N(0, 0.25) about
-the background. All are differentiable, so G's gradient passes through them.
+the background. All are differentiable, so G's gradient passes through them. A paired volume's
+label channels move with its image and keep their one-hot values; only the image's intensity changes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
+
+from medsynth.models import empty_voxel
 
 
 class AdaState(TypedDict):
@@ -44,12 +47,18 @@ class AdaptiveAugment:
 
     # ------------------------------------------------------------------ the transforms
 
-    def augment(self, volumes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def augment(self, volumes: torch.Tensor, generator: torch.Generator, label_classes: int = 0) -> torch.Tensor:
         """volumes (B, C, X, Y, Z) in [-1, 1], background -1 -> the same shape, each transform applied
-        to each volume with probability p. At p = 0 the volumes are returned untouched."""
+        to each volume with probability p. At p = 0 the volumes are returned untouched.
+
+        With a label map (its `label_classes` one-hot channels last, `models.empty_voxel`), the
+        geometry moves the label channels with their image, by nearest neighbour, so a one-hot voxel
+        stays one-hot (a label map never gains a value), with background shifted in; the gamma
+        touches the image channels only."""
         if self.probability <= 0.0:
             return volumes
         batch, device = volumes.shape[0], volumes.device
+        image_channels = volumes.shape[1] - label_classes
 
         def chosen() -> torch.Tensor:  # (B,) True where a transform applies to that volume
             return torch.rand(batch, generator=generator, device=device) < self.probability
@@ -67,17 +76,27 @@ class AdaptiveAugment:
         moved = (theta[:, :, :3] != torch.eye(3, device=device)).any(dim=(1, 2)) | (theta[:, :, 3] != 0).any(dim=1)
         if moved.any():
             grid = F.affine_grid(theta[moved], list(volumes[moved].shape), align_corners=False)
+            selected = volumes[moved].float()  # (M, C, X, Y, Z)
             # Resample about the background: outside the volume is background (-1), not 0.
-            resampled = F.grid_sample(volumes[moved].float() + 1.0, grid, mode="bilinear", align_corners=False) - 1.0
+            resampled = (
+                F.grid_sample(selected[:, :image_channels] + 1.0, grid, mode="bilinear", align_corners=False) - 1.0
+            )
+            if label_classes:
+                # Nearest neighbour, about the background class: outside the volume is class 0.
+                empty = empty_voxel(volumes.shape[1], label_classes, selected)[:, image_channels:]  # (1, K, 1, 1, 1)
+                labels = F.grid_sample(selected[:, image_channels:] - empty, grid, mode="nearest", align_corners=False)
+                resampled = torch.cat([resampled, labels + empty], dim=1)  # (M, C, X, Y, Z)
             volumes = volumes.clone()
             volumes[moved] = resampled.to(volumes.dtype)
-        # Intensity: gamma about the background, on [0, 1].
+        # Intensity: gamma about the background, on [0, 1], of the image only.
         gamma = torch.exp2(0.25 * torch.randn(batch, generator=generator, device=device))
         gamma = torch.where(chosen(), gamma, torch.ones_like(gamma)).view(batch, 1, 1, 1, 1).to(volumes.dtype)
-        unit = (volumes + 1.0) * 0.5
+        image = volumes[:, :image_channels]
+        unit = (image + 1.0) * 0.5
         # The background (0 here) stays exactly background; pow's gradient at 0 would be infinite.
         corrected = torch.where(unit > 1e-6, unit.clamp_min(1e-6).pow(gamma), unit) * 2.0 - 1.0
-        return torch.where(gamma != 1.0, corrected, volumes)
+        image = torch.where(gamma != 1.0, corrected, image)
+        return torch.cat([image, volumes[:, image_channels:]], dim=1) if label_classes else image
 
     # ------------------------------------------------------------------ the controller
 

@@ -22,7 +22,7 @@ from medsynth.ada import AdaState
 from medsynth.atomic import atomic_write
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, one_line_reason
-from medsynth.models import Generator3d
+from medsynth.models import Generator3d, label_class_count
 
 FORMAT = "medsynth-checkpoint"
 # 2: the samples' affine moved from the checkpoint's top level into the plan (`output_affine`).
@@ -61,7 +61,7 @@ class TrainingState(TypedDict):
 
     step: int
     config: dict[str, Any]  # the full resolved configuration (config_to_dict)
-    plan: dict[str, Any]  # Plan.to_dict(): grid, intensity window and its inverse, output affine
+    plan: dict[str, Any]  # Plan.to_dict(): grid, intensity window and its inverse, output affine, label set
     fingerprint: dict[str, Any]  # the dataset's summary (medians, counts); never file names
     world_size: int
     generator: dict[str, torch.Tensor]
@@ -163,10 +163,12 @@ def _upgrade(payload: dict[str, Any]) -> Checkpoint:
 
 
 def generator_from_checkpoint(payload: Checkpoint, use_ema: bool = True) -> Generator3d:
-    """The generator a checkpoint describes, with its EMA weights when present, in eval mode."""
+    """The generator a checkpoint describes, with its EMA weights when present, in eval mode: paired
+    (image and label map) when the checkpoint's plan has a label set."""
     config = config_from_dict(payload["config"])
     shape = tuple(payload["plan"]["target_shape"])
-    generator = Generator3d(config.model, shape)  # type: ignore[arg-type]
+    label_classes = label_class_count(payload["plan"].get("label_values"))
+    generator = Generator3d(config.model, shape, label_classes)  # type: ignore[arg-type]
     state = payload.get("generator_ema") if use_ema and payload.get("generator_ema") else payload["generator"]
     generator.load_state_dict(state)
     return generator.eval()

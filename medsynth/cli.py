@@ -169,7 +169,7 @@ def train(
     labels: Path | None = typer.Option(
         None,
         "--labels",
-        help=LABELS_HELP + " Label maps are checked and cached with their images (the model does not learn them yet).",
+        help=LABELS_HELP + " The model then learns image and label map together, and `sample` writes both.",
         exists=True,
         file_okay=False,
     ),
@@ -217,7 +217,6 @@ def train(
 
     from medsynth.runs import train_run
 
-    _say_labels_not_modelled(scan_dir, settings)
     with _training_session(settings) as (runtime, progress, display):
         result = train_run(
             scan_dir,
@@ -236,19 +235,6 @@ def train(
         console.info(
             f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
             f"metrics in {output / 'metrics.jsonl'}"
-        )
-
-
-def _say_labels_not_modelled(scan_dir: Path, settings) -> None:
-    """Training with label maps prepares them, but the model does not use them yet: say so."""
-    from medsynth.io.labels import dataset_layout
-
-    if (settings.labels.dir or dataset_layout(scan_dir)) and int(os.environ.get("RANK", "0")) == 0:
-        from medsynth import console
-
-        console.info(
-            "label maps are paired, checked and cached with their images (manifest.json lists them), "
-            "but the model does not learn them yet: this run trains on the images alone"
         )
 
 
@@ -299,7 +285,10 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto (default), cpu, cuda, cuda:1 ..."),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     file_format: OutputFormat = typer.Option(
-        OutputFormat.nifti, "--format", help="nifti (.nii.gz files) or dicom (a series folder per sample)."
+        OutputFormat.nifti,
+        "--format",
+        help="nifti (.nii.gz files) or dicom (a series folder per sample). A run trained with label maps also "
+        "writes each sample's label map, as NIfTI in either format (name_label.nii.gz).",
     ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/k: make only every k-th sample, from i (cluster array jobs)."
@@ -455,14 +444,14 @@ def _flops(gflops: float) -> str:
 def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     from medsynth import console
     from medsynth.distributed import Runtime, resolve_device
-    from medsynth.pipeline import fingerprint_folder
+    from medsynth.pipeline import fingerprint_folder, plan_with_labels
     from medsynth.plan import format_triple, make_plan
     from medsynth.precision import bf16_time_ratio, choose_precision, cpu_description, native_bf16
     from medsynth.runs import describe_models, time_training_step
 
     with console.progress_reporter() as progress:
         found = fingerprint_folder(scan_dir, settings, progress=progress)
-    plan = plan or make_plan(found.fingerprint, settings.plan)
+    plan = plan_with_labels(plan or make_plan(found.fingerprint, settings.plan), found)  # sizes the paired model
     sizes = describe_models(settings, plan)
     device = resolve_device(settings.train.device)
     machine = cpu_description() if device.type == "cpu" else str(device)

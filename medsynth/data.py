@@ -218,4 +218,5 @@ class CachedVolumeDataset:
         volume = np.ascontiguousarray(volume[None], dtype=np.float32)  # (1, X, Y, Z)
         if labels is None:
             return volume
-        return volume, np.ascontiguousarray(labels[None], dtype=np.uint8)  # (1, X, Y, Z) each
+        # A private copy, as the volume is: torch warns of (and must not write to) the read-only memory map.
+        return volume, np.array(labels[None], dtype=np.uint8, order="C")  # (1, X, Y, Z) each

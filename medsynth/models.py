@@ -6,11 +6,17 @@ shape, ending in tanh; `model.upsample` swaps the transposed convolutions for re
 or sub-pixel convolutions. The discriminator mirrors it with strided convolutions and LeakyReLU(0.2),
 with no normalisation on the first layer, and ends in one logit. Shapes need not be cubic: the
 number of doublings is set by the shortest axis, so 128×128×64 starts from an 8×8×4 grid.
+
+Paired variants (`label_classes` K > 0, from the plan's label set): G makes an image and its label
+map together, (B, 1 + K, X, Y, Z): channel 0 the image, channels 1..K one class each (class k is
+the plan's `label_values[k]`), and D judges the pair, 1 + K channels per volume. With K = 0 both
+networks are exactly the unlabeled ones: the same modules, parameter names and shapes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -183,12 +189,68 @@ def upsampling(kind: str, c_in: int, c_out: int, bias: bool) -> nn.Module:
     raise ValueError(f"unknown model.upsample {kind!r}")
 
 
-class Generator3d(nn.Module):
-    """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]."""
+def label_class_count(label_values: Sequence[int] | None) -> int:
+    """K, the label channels of a paired model, from a plan's label set (None or empty: 0, unlabeled)."""
+    return len(label_values) if label_values else 0
 
-    def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
+
+def straight_through_one_hot(probabilities: torch.Tensor) -> torch.Tensor:
+    """(B, K, X, Y, Z) class probabilities -> the one-hot of their argmax in the forward pass, with
+    the probabilities' gradient in the backward pass (the straight-through estimator, Bengio et al.
+    2013).
+
+    Why not show D the softmax itself: real label maps reach D as exact one-hot channels, and soft
+    ones are told apart by their values alone (anything strictly between 0 and 1 is fake), so D
+    wins on that without looking at anatomy, and G's only way out is to saturate its logits, where
+    the softmax's gradient vanishes. Hard channels give D nothing but the shapes to judge, and are
+    exactly the label maps `sample` writes. The price is a biased gradient, the usual one of
+    straight-through estimators (Gumbel-softmax and VQ-VAE train with it). Smoothing the reals
+    instead (noise on the one-hot) would change the distribution G is asked to match, so no
+    setting offers the soft form: there is no case for it to serve.
+    """
+    hard = torch.zeros_like(probabilities).scatter_(1, probabilities.argmax(dim=1, keepdim=True), 1.0)
+    # hard + (p - p): exactly `hard` forward (the bracket is exactly 0), p's gradient backward.
+    return hard + (probabilities - probabilities.detach())
+
+
+def one_hot_labels(label_maps: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
+    """Label maps of label VALUES (B, 1, X, Y, Z), integers -> one-hot class channels (B, K, X, Y, Z)
+    float32, class k standing for `label_values[k]` (sorted, as the plan keeps them): how D sees a
+    real label map."""
+    values = torch.tensor(list(label_values), device=label_maps.device)
+    classes = torch.searchsorted(values, label_maps.long())  # (B, 1, X, Y, Z) class indices
+    channels = torch.zeros(label_maps.shape[0], len(label_values), *label_maps.shape[2:], device=label_maps.device)
+    return channels.scatter_(1, classes, 1.0)  # (B, K, X, Y, Z)
+
+
+def split_pairs(volumes: torch.Tensor, label_values: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G's output (B, 1 + K, X, Y, Z) -> (images (B, X, Y, Z), label maps (B, X, Y, Z) int64 of label
+    VALUES, each voxel its most likely class's value); the label maps are None without a label set."""
+    images = volumes[:, 0]  # (B, X, Y, Z)
+    if not label_class_count(label_values):
+        return images, None
+    classes = volumes[:, 1:].argmax(dim=1)  # (B, X, Y, Z) class indices
+    return images, torch.tensor(list(label_values), device=volumes.device)[classes]  # type: ignore[arg-type]
+
+
+def empty_voxel(channels: int, label_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """What D sees where there is nothing, as (1, channels, 1, 1, 1) in `like`'s dtype and device:
+    the image's background (-1) in the image channels and, in the last `label_classes` channels,
+    the one-hot of class 0: the lowest label value, the background (0) of nnU-Net's convention.
+    Augmentations fill what they shift in or cut out with it."""
+    image = [-1.0] * (channels - label_classes)
+    labels = [1.0] + [0.0] * (label_classes - 1) if label_classes else []
+    return torch.tensor(image + labels, dtype=like.dtype, device=like.device).view(1, channels, 1, 1, 1)
+
+
+class Generator3d(nn.Module):
+    """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]; paired (`label_classes` K > 0): the
+    volume and its label map, (B, 1 + K, X, Y, Z), channels 1..K one-hot (`straight_through_one_hot`)."""
+
+    def __init__(self, config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0):
         super().__init__()
         self.latent_dim = config.latent_dim
+        self.label_classes = label_classes
         self.shape = tuple(shape)
         stages = stage_count(self.shape, config.base_grid)
         channels = channels_per_stage(config, stages, config.generator_channels)
@@ -204,7 +266,8 @@ class Generator3d(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.blocks = nn.Sequential(*blocks)
-        self.to_volume = upsampling(config.upsample, channels[0], 1, bias=True)
+        # One layer makes the image and its class logits from the same features, so they agree.
+        self.to_volume = upsampling(config.upsample, channels[0], 1 + label_classes, bias=True)
         initialise_dcgan(self)
         for module in self.modules():
             if isinstance(module, PixelShuffleUp3d):
@@ -214,7 +277,12 @@ class Generator3d(nn.Module):
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
         x = torch.relu(self.project_norm(x))
         x = self.blocks(x)  # (B, base_channels, X/2, Y/2, Z/2)
-        return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
+        if not self.label_classes:
+            return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
+        out = self.to_volume(x)  # (B, 1 + K, X, Y, Z): the image, then one logit per class
+        image = torch.tanh(out[:, :1])  # (B, 1, X, Y, Z)
+        probabilities = torch.softmax(out[:, 1:].float(), dim=1)  # (B, K, X, Y, Z), fp32 under autocast too
+        return torch.cat([image, straight_through_one_hot(probabilities).to(image.dtype)], dim=1)  # (B, 1 + K, ...)
 
 
 class MinibatchStd(nn.Module):
@@ -229,9 +297,10 @@ class MinibatchStd(nn.Module):
 
 
 class Discriminator3d(nn.Module):
-    """volumes (B, pack, X, Y, Z) -> one logit per pack of volumes (B,)."""
+    """volumes (B, pack, X, Y, Z) -> one logit per pack of volumes (B,); paired (`label_classes` K > 0):
+    (B, pack · (1 + K), X, Y, Z), each volume's image and its K label channels side by side."""
 
-    def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
+    def __init__(self, config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0):
         super().__init__()
         stages = stage_count(tuple(shape), config.base_grid)
         channels = channels_per_stage(config, stages)
@@ -239,7 +308,7 @@ class Discriminator3d(nn.Module):
         wrap = nn.utils.parametrizations.spectral_norm if config.spectral_norm else (lambda module: module)
         layers: list[nn.Module] = [
             # No norm on the first layer. PacGAN stacks `pack` volumes as input channels.
-            wrap(nn.Conv3d(config.pack, channels[0], kernel_size=4, stride=2, padding=1)),
+            wrap(nn.Conv3d(config.pack * (1 + label_classes), channels[0], kernel_size=4, stride=2, padding=1)),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         for i in range(1, stages):
@@ -287,8 +356,10 @@ def sample_latent(
     raise ValueError(f"unknown latent prior {prior!r}")
 
 
-def build_models(config: ModelConfig, shape: tuple[int, int, int]) -> tuple[Generator3d, Discriminator3d]:
-    return Generator3d(config, shape), Discriminator3d(config, shape)
+def build_models(
+    config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0
+) -> tuple[Generator3d, Discriminator3d]:
+    return Generator3d(config, shape, label_classes), Discriminator3d(config, shape, label_classes)
 
 
 def parameter_count(module: nn.Module) -> int:

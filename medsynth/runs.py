@@ -23,6 +23,7 @@ from medsynth.checkpoint import CheckpointError, load_checkpoint
 from medsynth.config import Config, config_from_dict, config_to_dict
 from medsynth.distributed import Runtime, barrier
 from medsynth.errors import UsageError
+from medsynth.models import label_class_count
 from medsynth.pipeline import Progress, prepare_dataset
 from medsynth.plan import Plan, format_triple
 from medsynth.train import EventCallback, StepCallback, Trainer
@@ -210,6 +211,11 @@ def train_run(
     # cache warm and take the main process's plan, so every rank trains on the same volumes.
     if runtime.is_main:
         prepared = prepare_dataset(scan_dir, config, progress=progress, plan=plan)
+        if prepared.plan.label_values and not prepared.labelled:
+            raise RunRefused(
+                f"the plan has a label set {list(prepared.plan.label_values)} (a paired model) but {scan_dir} brought "
+                "no label maps: give --labels, or a plan made without them"
+            )
         n_before = resume.get("fingerprint", {}).get("n_volumes") if resume else None
         if n_before not in (None, len(prepared.entries)):
             say(f"warning: the data changed since the run started ({n_before} -> {len(prepared.entries)} volumes)")
@@ -234,6 +240,8 @@ def train_run(
         resume=resume,
         on_step=on_step,
         on_event=on_event,
+        # With a label set, every entry has its label map (pipeline.unlabeled_images saw to that).
+        label_paths=[entry.label_path for entry in prepared.entries] if prepared.plan.label_values else None,  # type: ignore[misc]
     )
     if initial is not None:
         source, payload = initial
@@ -241,6 +249,12 @@ def train_run(
             raise RunRefused(
                 f"--init-from {source}: its volumes are {format_triple(payload['plan']['target_shape'], 0)}, this "
                 f"plan's are {format_triple(prepared.plan.target_shape, 0)}; set plan.target_shape to match"
+            )
+        theirs, ours = payload["plan"].get("label_values"), prepared.plan.label_values
+        if label_class_count(theirs) != label_class_count(ours):
+            raise RunRefused(
+                f"--init-from {source}: its model makes {_label_set_words(theirs)}, this run's makes "
+                f"{_label_set_words(ours)}; start from a run with the same number of label classes"
             )
         trainer.load_weights(payload)
         if runtime.is_main:
@@ -251,8 +265,9 @@ def train_run(
         say(f"starting from the weights of {source} (step {payload['step']}), with new optimiser states")
     say(
         f"training on {len(prepared.entries)} volumes of {format_triple(prepared.plan.target_shape, 0)} "
-        f"at {prepared.plan.spacing[0]:g} mm, {runtime.world_size} process(es) on {runtime.device}"
-        + f", {trainer.precision.reason}"
+        f"at {prepared.plan.spacing[0]:g} mm"
+        + (f" with {_label_set_words(prepared.plan.label_values)}" if prepared.plan.label_values else "")
+        + f", {runtime.world_size} process(es) on {runtime.device}, {trainer.precision.reason}"
     )
     if trainer.precision.warning and runtime.is_main:
         (on_event or say)(trainer.precision.warning)
@@ -260,6 +275,13 @@ def train_run(
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
     )
+
+
+def _label_set_words(label_values) -> str:
+    """How a run's label set reads in a message: "label maps of 3 classes (values 0, 1, 2)"."""
+    if not label_values:
+        return "images without label maps"
+    return f"label maps of {len(label_values)} classes (values {', '.join(map(str, label_values))})"
 
 
 def _initial_weights(init_from: str | Path, config: Config) -> tuple[Path, dict[str, Any]]:
@@ -284,11 +306,12 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
     """What `--dry-run` prints: sizes and compute of G and D for this plan."""
     import torch
 
-    from medsynth.models import build_models, forward_flops, parameter_count
+    from medsynth.models import build_models, forward_flops, label_class_count, parameter_count
 
-    generator, discriminator = build_models(config.model, plan.target_shape)
+    label_classes = label_class_count(plan.label_values)
+    generator, discriminator = build_models(config.model, plan.target_shape, label_classes)
     z = torch.zeros(1, config.model.latent_dim)
-    volume = torch.zeros(1, config.model.pack, *plan.target_shape)
+    volume = torch.zeros(1, config.model.pack * (1 + label_classes), *plan.target_shape)
     g_flops = forward_flops(generator, z)
     d_flops = forward_flops(discriminator, volume) / config.model.pack  # per volume judged
     batch = config.train.batch_size
@@ -322,13 +345,16 @@ def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, s
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
-        paths = []
+        paths, label_paths = [], []
         for i in range(config.train.batch_size):
             path = Path(tmp) / f"volume{i}.npy"
             np.save(path, rng.uniform(-1, 1, plan.target_shape).astype(np.float32))
             paths.append(str(path))
+            if plan.label_values:  # a paired model: random label maps of the plan's values
+                label_paths.append(str(Path(tmp) / f"labels{i}.npy"))
+                np.save(label_paths[-1], rng.choice(np.array(plan.label_values, dtype=np.uint8), plan.target_shape))
         timed = replace(config, train=replace(config.train, amp=amp, loader_workers=0, compile=False))
-        trainer = Trainer(timed, plan, paths, Path(tmp) / "run", runtime)
+        trainer = Trainer(timed, plan, paths, Path(tmp) / "run", runtime, label_paths=label_paths or None)
         try:
             return median_seconds(trainer.train_step, steps, runtime.device)
         finally:

@@ -9,6 +9,13 @@ output, so a fixed micro-batch is what makes the voxels independent of `--batch-
 Every volume is written atomically with a JSON sidecar (seed, checkpoint hash, step, version,
 command line); a sidecar is written only after its volume, so "sidecar present" means "done", and
 a re-run skips finished samples and redoes interrupted ones.
+
+A paired model (its plan has a label set) makes each volume with its label map: `name_label.nii.gz`
+beside `name.nii.gz`, on the same grid and affine, holding the label VALUES of the plan (uint8
+while they fit), made by the same forward pass, so (seed, i) fixes both. The sidecar and the
+manifest name the label file and the label set. With `--format dicom` the image is a DICOM series
+as usual and its label map is still NIfTI beside it (`sample_00000_label.nii.gz`): a DICOM SEG
+writer is not part of medsynth, and nnU-Net and most segmentation tools read NIfTI label maps.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from medsynth.checkpoint import generator_from_checkpoint, load_checkpoint, reso
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, UsageError, WriteError
 from medsynth.io import Volume, cast_for_storage, file_sha256, write_dicom_series, write_nifti
-from medsynth.models import sample_latent
+from medsynth.models import sample_latent, split_pairs
 from medsynth.plan import Plan
 
 MICROBATCH = 4
@@ -57,17 +64,34 @@ def latent_for(seed: int, index: int, latent_dim: int, prior: str) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> np.ndarray:
-    """(N, latent_dim) -> (N, X, Y, Z) float32 in [-1, 1], in fixed micro-batches."""
-    outputs = []
+def generate_pairs(
+    generator: torch.nn.Module, latents: torch.Tensor, device: torch.device, label_values: tuple[int, ...] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, latent_dim) -> (N, X, Y, Z) float32 in [-1, 1], and with a label set the label maps of the
+    same forward pass, (N, X, Y, Z) int64 label values (else None); in fixed micro-batches."""
+    images, label_maps = [], []
     for start in range(0, latents.shape[0], MICROBATCH):
         chunk = latents[start : start + MICROBATCH]
         real_rows = chunk.shape[0]
         if real_rows < MICROBATCH:  # pad, so that every forward pass has the same batch size
             chunk = torch.cat([chunk, torch.zeros(MICROBATCH - real_rows, chunk.shape[1])])
-        volumes = generator(chunk.to(device)).float()[:real_rows, 0]  # (rows, X, Y, Z)
-        outputs.append(volumes.cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
+        volumes, labels = split_pairs(generator(chunk.to(device)).float()[:real_rows], label_values)  # (rows, X, Y, Z)
+        images.append(volumes.cpu().numpy())
+        if labels is not None:
+            label_maps.append(labels.cpu().numpy())
+    if not images:
+        return np.zeros((0,), dtype=np.float32), None
+    return np.concatenate(images), np.concatenate(label_maps) if label_maps else None
+
+
+def generate(generator: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> np.ndarray:
+    """(N, latent_dim) -> (N, X, Y, Z) float32 in [-1, 1], in fixed micro-batches: the images alone."""
+    return generate_pairs(generator, latents, device, None)[0]
+
+
+def label_dtype(label_values: tuple[int, ...]) -> str:
+    """The integer type label maps are written in: uint8 while the values fit, else uint16."""
+    return "uint8" if max(label_values) <= 255 else "uint16"
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,11 @@ def _name(index: int, file_format: str) -> str:
     return f"sample_{index:05d}" + (".nii.gz" if file_format == "nifti" else "")
 
 
+def _label_name(index: int) -> str:
+    """The label map's file beside its image (NIfTI for either format of the image)."""
+    return f"sample_{index:05d}_label.nii.gz"
+
+
 def _sidecar_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"sample_{index:05d}.json"
 
@@ -129,11 +158,18 @@ def _done(out_dir: Path, index: int, identity: dict[str, Any]) -> bool:
             f"{out_dir} already holds sample {index} from another checkpoint, seed or format "
             f"({sidecar.name}); use --force to replace it, or another -o folder"
         )
-    target = out_dir / record["file"]
-    return target.exists()
+    files = [record["file"], *([record["label_file"]] if record.get("label_file") else [])]
+    return all((out_dir / name).exists() for name in files)
 
 
-def _write_one(index: int, volume: np.ndarray, plan: Plan, request: SampleRequest, sidecar: dict[str, Any]) -> dict:
+def _write_one(
+    index: int,
+    volume: np.ndarray,
+    label_map: np.ndarray | None,
+    plan: Plan,
+    request: SampleRequest,
+    sidecar: dict[str, Any],
+) -> dict:
     # Cast once (rounding and clipping to the output dtype), so NIfTI and DICOM hold the same values.
     values = cast_for_storage(plan.to_real_units(volume), plan.output_dtype)
     name = _name(index, request.file_format)
@@ -157,6 +193,16 @@ def _write_one(index: int, volume: np.ndarray, plan: Plan, request: SampleReques
             value_range=plan.window,  # one stored unit for every MR sample of the run
         )
     record = {**sidecar, "index": index, "file": name}
+    if label_map is not None and plan.label_values:
+        # Same grid and affine as the image; label values, integers: nothing to round or window.
+        label_name = _label_name(index)
+        write_nifti(
+            Volume(label_map, plan.affine),
+            request.out_dir / label_name,
+            dtype=label_dtype(plan.label_values),
+            description=SYNTHETIC_DESCRIPTION,
+        )
+        record["label_file"] = label_name
     atomic_write_json(_sidecar_path(request.out_dir, index), record)  # after the volume: marks it done
     return record
 
@@ -178,14 +224,23 @@ def write_manifest(out_dir: Path) -> Path:
             if (out_dir / record.get("file", "")).exists():
                 records.append(record)
         records.sort(key=lambda r: r["index"])
-        manifest = {
+        manifest: dict[str, Any] = {
             "medsynth_version": __version__,
             "count": len(records),
             "samples": [
-                {"index": r["index"], "file": r["file"], "seed": r["seed"], "checkpoint_sha256": r["checkpoint_sha256"]}
+                {
+                    "index": r["index"],
+                    "file": r["file"],
+                    **({"label_file": r["label_file"]} if r.get("label_file") else {}),
+                    "seed": r["seed"],
+                    "checkpoint_sha256": r["checkpoint_sha256"],
+                }
                 for r in records
             ],
         }
+        labelled = next((r for r in records if r.get("label_file")), None)
+        if labelled is not None:  # one label set for the folder: a checkpoint has one, and samples name theirs
+            manifest["labels"] = {"values": labelled["label_values"], "names": labelled["label_names"]}
         path = atomic_write_json(out_dir / "manifest.json", manifest)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return path
@@ -226,12 +281,17 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         "dtype": plan.output_dtype,
         "units": "HU" if plan.modality == "ct" else "arbitrary (typical training range)",
     }
+    if plan.label_values:  # each label file holds these values; class k is label_names[k]
+        sidecar_base["label_values"] = list(plan.label_values)
+        sidecar_base["label_names"] = list(plan.label_names or ())
+        sidecar_base["label_dtype"] = label_dtype(plan.label_values)
     wanted = request.shard.indices(request.count)
     todo = wanted if request.force else [i for i in wanted if not _done(request.out_dir, i, identity)]
     skipped = len(wanted) - len(todo)
 
     written: list[dict[str, Any]] = []
     preview_volumes: list[np.ndarray] = []
+    preview_labels: list[np.ndarray] = []
     if progress:
         progress("sample", 0, len(todo))
     # Writing (gzip, DICOM encoding) runs in threads while the next batch is generated.
@@ -240,12 +300,16 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         for start in range(0, len(todo), request.batch_size):
             batch = todo[start : start + request.batch_size]
             latents = torch.stack([latent_for(request.seed, i, latent_dim, prior) for i in batch])  # (B, latent_dim)
-            volumes = generate(generator, latents, request.device)  # (B, X, Y, Z)
-            for index, volume in zip(batch, volumes):
+            # (B, X, Y, Z) each; label maps None without a label set
+            volumes, label_maps = generate_pairs(generator, latents, request.device, plan.label_values)
+            for row, (index, volume) in enumerate(zip(batch, volumes)):
+                label_map = label_maps[row] if label_maps is not None else None
                 sidecar = {**sidecar_base, "seed": sample_seed(request.seed, index)}
-                pending.append(writers.submit(_write_one, index, volume, plan, request, sidecar))
+                pending.append(writers.submit(_write_one, index, volume, label_map, plan, request, sidecar))
                 if request.preview and len(preview_volumes) < 8:
                     preview_volumes.append(volume)
+                    if label_map is not None:
+                        preview_labels.append(label_map)
             while len(pending) > 2 * request.batch_size:  # bound memory: wait for the oldest writes
                 written.append(pending.pop(0).result())
                 if progress:
@@ -260,7 +324,12 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         from medsynth.preview import save_montage
 
         suffix = "" if request.shard.count == 1 else f"-shard{request.shard.index}of{request.shard.count}"
-        preview_path = save_montage(request.out_dir / f"preview{suffix}.png", preview_volumes, spacing=plan.spacing)
+        preview_path = save_montage(
+            request.out_dir / f"preview{suffix}.png",
+            preview_volumes,
+            labels=preview_labels or None,
+            spacing=plan.spacing,
+        )
     return {
         "written": len(written),
         "skipped": skipped,

@@ -11,6 +11,10 @@ Everything D judges (real volumes, fakes, the R1 and gradient-penalty inputs, an
 G step) passes through one method, `run_discriminator`: DiffAugment, then PacGAN packing, then D.
 A new input to D (a label map, a condition) therefore reaches every D call or none.
 
+With a label set in the plan (K classes), the game is played on pairs: a real volume travels with
+its label map as K one-hot channels after the image, (B, 1 + K, X, Y, Z), G makes such pairs
+(models.Generator3d), and every D call, penalty and augmentation sees both.
+
 Around it: bf16 autocast, DDP, exact resume (RNG states, data position and optimiser states are
 in every checkpoint), atomic checkpoints, SIGINT/SIGTERM/SIGUSR1 handling and a divergence guard.
 `fit()` reads as the table of contents of a run.
@@ -54,7 +58,7 @@ from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.metrics import MetricsLog
-from medsynth.models import build_models, sample_latent
+from medsynth.models import build_models, label_class_count, one_hot_labels, sample_latent, split_pairs
 from medsynth.plan import Plan
 from medsynth.precision import PrecisionChoice, choose_precision, native_bf16
 from medsynth.preview import save_montage
@@ -156,7 +160,10 @@ class Trainer:
         resume: TrainingState | None = None,
         on_step: StepCallback | None = None,
         on_event: EventCallback | None = None,
+        label_paths: list[str] | None = None,
     ):
+        """`label_paths`: each volume's cached label map (uint8 label values on its grid), required
+        exactly when the plan has a label set: the paired model is then trained on both."""
         self.config = config
         self.plan = plan
         self.run_dir = Path(run_dir)
@@ -169,8 +176,12 @@ class Trainer:
         self.bf16 = self.precision.bf16
         train = config.train
 
+        # K label channels after the image, from the plan's label set (0: the unlabeled model).
+        self.label_classes = label_class_count(plan.label_values)
+        if bool(self.label_classes) != (label_paths is not None):
+            raise ValueError("label maps are needed exactly when the plan has a label set")
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
-        generator, discriminator = build_models(config.model, plan.target_shape)
+        generator, discriminator = build_models(config.model, plan.target_shape, self.label_classes)
         memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
         # The modules that own the weights: checkpoints, the EMA and previews use these.
         self.generator = generator.to(self.device, memory_format=memory_format)
@@ -201,7 +212,7 @@ class Trainer:
             self.generator_in_g_step = torch.compile(self.generator_in_g_step)
             self.discriminator_in_d_step = torch.compile(self.discriminator_in_d_step)
 
-        self.dataset = CachedVolumeDataset(volume_paths, config.augment, seed=config.seed)
+        self.dataset = CachedVolumeDataset(volume_paths, config.augment, seed=config.seed, label_paths=label_paths)
         self.batches = ResumableBatches(len(self.dataset), train.batch_size, config.seed, runtime)
         self.loader_workers = (
             train.loader_workers if train.loader_workers >= 0 else (4 if self.device.type == "cuda" else 0)
@@ -271,7 +282,8 @@ class Trainer:
         yield from loader
 
     def _next_real(self) -> torch.Tensor:
-        """The next minibatch of real volumes, (B, 1, X, Y, Z) on the device; epochs roll over."""
+        """The next minibatch of real volumes, (B, 1, X, Y, Z) on the device, or with label maps the
+        pairs as D sees them, (B, 1 + K, X, Y, Z); epochs roll over."""
         while True:
             if self._real_iterator is None:
                 self._real_iterator = self._loader(self.position.epoch, self.position.batch)
@@ -282,6 +294,11 @@ class Trainer:
                 self._real_iterator = None
                 continue
             self.position.batch += 1
+            if self.label_classes:
+                volumes, label_maps = (part.to(self.device, non_blocking=True) for part in batch)
+                # uint8 values travel; the one-hot channels are made on the device.
+                labels = one_hot_labels(label_maps, self.plan.label_values).to(volumes.dtype)  # (B, K, X, Y, Z)
+                batch = torch.cat([volumes, labels], dim=1)  # (B, 1 + K, X, Y, Z)
             return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     # ------------------------------------------------------------------ one step
@@ -300,34 +317,38 @@ class Trainer:
         augmentation and DiffAugment's random, differentiable transforms (when configured), then packs of `model.pack` volumes
         stacked as channels (PacGAN), then `discriminator` (the handle of the half that calls).
 
-        volumes (B, 1, X, Y, Z) -> logits (B / pack,), float32 for the losses.
+        volumes (B, 1, X, Y, Z), or pairs (B, 1 + K, X, Y, Z) -> logits (B / pack,), float32 for the
+        losses. The augmentations move a pair's label channels with its image and change only the
+        image's intensities (ada.py, diffaug.py).
         """
         volumes = volumes.contiguous(memory_format=self.memory_format)
         if self.ada is not None:
-            volumes = self.ada.augment(volumes, self.augment_rng)
+            volumes = self.ada.augment(volumes, self.augment_rng, self.label_classes)
         if self.diff_policy:
-            volumes = diff_augment(volumes, self.diff_policy, self.augment_rng)
+            volumes = diff_augment(volumes, self.diff_policy, self.augment_rng, self.label_classes)
         pack = self.config.model.pack
         if pack > 1:
-            batch, _, *spatial = volumes.shape
-            volumes = volumes.reshape(batch // pack, pack, *spatial)  # (B / pack, pack, X, Y, Z)
+            batch, channels, *spatial = volumes.shape
+            # A pack's volumes side by side, each with its own label channels.
+            volumes = volumes.reshape(batch // pack, pack * channels, *spatial)  # (B / pack, pack · C, X, Y, Z)
         return discriminator(volumes).float()  # (B / pack,)
 
     def update_discriminator(
         self, real: torch.Tensor, fake: torch.Tensor | None = None, with_r1: bool = True
     ) -> dict[str, float]:
-        """One D update: real (B, 1, X, Y, Z) called real, G's fakes called fake. `fake`, when
+        """One D update: real (B, C, X, Y, Z) called real, G's fakes called fake. `fake`, when
         given, is G's output of this step, detached here; otherwise G runs on fresh noise without
         gradients. `with_r1`: whether this update carries the (lazy) R1 penalty."""
         loss_config = self.config.loss
         discriminator = self.discriminator_in_d_step
         if fake is None:
             with torch.no_grad(), self._autocast():
-                fake = self.generator(self._noise(real.shape[0]))  # (B, 1, X, Y, Z)
+                fake = self.generator(self._noise(real.shape[0]))  # (B, C, X, Y, Z), C = 1 + K
         fake = fake.detach().float()  # no graph back to G
         r1 = loss_config.r1_gamma > 0 and with_r1
         if r1:
-            real = real.detach().requires_grad_(True)  # R1 differentiates D's output w.r.t. the input
+            # R1 differentiates D's output w.r.t. the whole input: the image and its label channels.
+            real = real.detach().requires_grad_(True)
         with self._autocast():
             real_logits = self.run_discriminator(real, discriminator)  # (B / pack,)
             fake_logits = self.run_discriminator(fake, discriminator)  # (B / pack,)
@@ -359,7 +380,7 @@ class Trainer:
         }
 
     def generate_for_update(self, batch: int) -> torch.Tensor:
-        """G(z) on fresh noise with gradients, for G's update: (B, 1, X, Y, Z)."""
+        """G(z) on fresh noise with gradients, for G's update: (B, 1 + K, X, Y, Z)."""
         with self._autocast():
             return self.generator_in_g_step(self._noise(batch))
 
@@ -490,17 +511,21 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         self._prepare_ema_for_use()
-        volumes = self.ema(self.preview_noise).float().cpu().numpy()[:, 0]  # (N, X, Y, Z)
+        images, label_maps = split_pairs(self.ema(self.preview_noise).float(), self.plan.label_values)
+        volumes = list(images.cpu().numpy())  # (X, Y, Z) each
+        labels = list(label_maps.cpu().numpy()) if label_maps is not None else None  # label values, (X, Y, Z) each
         folder = self.run_dir / "previews"
-        path = save_montage(folder / f"step_{self.step:08d}.png", list(volumes), spacing=self.plan.spacing)
-        save_montage(folder / "latest.png", list(volumes), spacing=self.plan.spacing)
+        path = save_montage(folder / f"step_{self.step:08d}.png", volumes, labels=labels, spacing=self.plan.spacing)
+        save_montage(folder / "latest.png", volumes, labels=labels, spacing=self.plan.spacing)
         return path
 
     def save_real_preview(self) -> None:
         if self.runtime.is_main:
             count = min(self.config.train.preview_samples, len(self.dataset))
             volumes = [np.load(self.dataset.paths[i], mmap_mode="r") for i in range(count)]
-            save_montage(self.run_dir / "previews" / "real.png", volumes, spacing=self.plan.spacing)
+            label_paths = self.dataset.label_paths
+            labels = [np.load(label_paths[i], mmap_mode="r") for i in range(count)] if label_paths else None
+            save_montage(self.run_dir / "previews" / "real.png", volumes, labels=labels, spacing=self.plan.spacing)
 
     # ------------------------------------------------------------------ guard
 

@@ -2,8 +2,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-from hypothesis import settings
+# Before anything imports torch (test modules do, before medsynth): OpenMP threads that spin while
+# waiting made torch calls up to 40x slower when other work shared the 2 cores (docs/benchmarks.md,
+# "Threads"); medsynth sets the same when it is imported, which in tests comes too late.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # CI must be reproducible: the same examples every run, so a red build is the code's doing and
 # can be replayed. Locally, hypothesis keeps exploring new examples (and saves any it breaks).

@@ -341,7 +341,7 @@ def test_ambiguous_labels_are_one_line(run_cli, tmp_path):
     assert "scan0.nii.gz" in line and "scan0_seg.nii.gz" in line
 
 
-def test_unlabeled_images_are_skipped_on_request_and_training_says_labels_are_not_modelled(run_cli, tmp_path):
+def test_unlabeled_images_are_skipped_on_request_and_the_rest_train_as_pairs(run_cli, tmp_path):
     scans, labels = write_labelled_folders(tmp_path, n=3)
     write_nifti(scans / "extra.nii.gz", blob_volume((20, 24, 16), seed=5), np.diag([1.5, 1.5, 2.0, 1.0]))
     run = tmp_path / "run"
@@ -350,7 +350,7 @@ def test_unlabeled_images_are_skipped_on_request_and_training_says_labels_are_no
         "--set", "labels.unlabeled=skip", "--max-steps", "1",
     )  # fmt: skip
     assert code == 0, err
-    assert "the model does not learn them yet" in out + err
+    assert "with label maps of 3 classes (values 0, 1, 2)" in out + err
     manifest = json.loads((run / "manifest.json").read_text())
     assert len(manifest["entries"]) == 3 and all(e["label_path"] for e in manifest["entries"])
     assert [s["name"] for s in manifest["skipped"]] == ["extra.nii.gz"]
