@@ -64,6 +64,7 @@ class OutputFormat(str, enum.Enum):
 
     nifti = "nifti"
     dicom = "dicom"
+    nnunet = "nnunet"
 
 
 class DemoSize(str, enum.Enum):
@@ -267,7 +268,8 @@ def _training_session(settings) -> Iterator:
         "Examples:\n\n"
         "  medsynth sample runs/brains -n 100 -o synthetic/ --preview\n\n"
         "  medsynth sample runs/brains/checkpoints/last.pt -n 10000 -o synthetic/ --shard $SLURM_ARRAY_TASK_ID/16\n\n"
-        "  medsynth sample runs/ct -n 20 -o synthetic-dicom/ --format dicom"
+        "  medsynth sample runs/ct -n 20 -o synthetic-dicom/ --format dicom\n\n"
+        "  medsynth sample runs/hippo -n 200 -o ~/nnUNet_raw --format nnunet --dataset-id 901   # a labelled run"
     )
 )
 def sample(
@@ -276,7 +278,12 @@ def sample(
         ..., "-n", "--count", min=1, help="How many volumes in the whole set (all shards together)."
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Folder for the volumes, their JSON sidecars and manifest.json.", file_okay=False
+        ...,
+        "--output",
+        "-o",
+        help="Folder for the volumes, their JSON sidecars and manifest.json. With --format nnunet: the "
+        "nnUNet_raw folder, which gets DatasetNNN_Name/ (sidecars and manifest in its medsynth/ folder).",
+        file_okay=False,
     ),
     seed: int = typer.Option(0, "--seed", help="Base seed: sample i uses a seed derived from (seed, i)."),
     batch_size: int = typer.Option(
@@ -288,7 +295,21 @@ def sample(
         OutputFormat.nifti,
         "--format",
         help="nifti (.nii.gz files) or dicom (a series folder per sample). A run trained with label maps also "
-        "writes each sample's label map, as NIfTI in either format (name_label.nii.gz).",
+        "writes each sample's label map, as NIfTI in either format (name_label.nii.gz). nnunet (runs trained "
+        "with label maps only): an nnU-Net v2 raw dataset, imagesTr/synth_00000_0000.nii.gz, "
+        "labelsTr/synth_00000.nii.gz and dataset.json, checked when the last shard finishes.",
+    ),
+    dataset_id: int | None = typer.Option(
+        None,
+        "--dataset-id",
+        help="--format nnunet: the dataset id NNN, 1-999 (default 900). nnU-Net's own datasets use ids below "
+        "500; 500-999 are for your own.",
+    ),
+    dataset_name: str | None = typer.Option(
+        None,
+        "--dataset-name",
+        help="--format nnunet: the dataset name, letters, digits and _ (default: from the run folder's name, "
+        "runs/hippo -> SyntheticHippo).",
     ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/k: make only every k-th sample, from i (cluster array jobs)."
@@ -315,15 +336,44 @@ def sample(
         shard=Shard.parse(shard),
         force=force,
         preview=preview,
+        dataset_id=dataset_id,
+        dataset_name=dataset_name,
     )
     with console.progress_reporter() as progress:
         summary = run_sampling(request, progress=progress)
-    message = (
-        f"{summary['written']} written, {summary['skipped']} already there, in {summary['out_dir']} (manifest.json)"
-    )
+    where = summary["nnunet"]["folder"] if "nnunet" in summary else summary["out_dir"]
+    manifest = os.path.relpath(summary["manifest"], where)
+    message = f"{summary['written']} written, {summary['skipped']} already there, in {where} ({manifest})"
     if summary["preview"]:
         message += f"; preview {summary['preview']}"
     console.info(message)
+    if "nnunet" in summary:
+        _report_nnunet_dataset(summary["nnunet"])
+
+
+def _report_nnunet_dataset(dataset: dict) -> None:
+    """One line per problem nnU-Net would refuse (exit 1), or one line on how to use the dataset."""
+    import shlex
+
+    from medsynth import console
+    from medsynth.sample import SampleError
+
+    if not dataset["checked"]:
+        console.info(
+            f"{dataset['present']} of the {dataset['count']} cases are in {dataset['folder']} so far: "
+            "the job that completes the set checks the dataset"
+        )
+        return
+    problems = dataset["problems"]
+    for problem in problems:
+        console.error(f"{dataset['folder']}: {problem}")
+    if problems:
+        counted = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        raise SampleError(f"{dataset['folder']}: not a valid nnU-Net dataset ({counted} above)")
+    console.info(
+        f"nnU-Net dataset ready ({dataset['num_training']} cases): export nnUNet_raw={shlex.quote(dataset['raw_root'])}"
+        f", then nnUNetv2_plan_and_preprocess -d {dataset['dataset_id']} --verify_dataset_integrity"
+    )
 
 
 @app.command(epilog="Example:\n\n  medsynth demo -o demo/")
@@ -374,11 +424,23 @@ def demo(
     console.out.print(console.table("Demo finished", ["what", "where"], rows))
 
 
+class UtilityTask(str, enum.Enum):
+    """Downstream checks `evaluate --utility` runs (mirrors medsynth.evaluate.utility.TASKS)."""
+
+    segmentation = "segmentation"
+
+
+# The segmenter's default budget (mirrors medsynth.evaluate.utility.DEFAULT_STEPS, which --help must not import).
+UTILITY_STEPS = 400
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
         "  medsynth evaluate --real held-out/ --synthetic samples/ --train train/ --checkpoint runs/brains -o report/\n\n"
-        "  medsynth evaluate --real scans/ --synthetic other-tool-output/ -o report/ --json"
+        "  medsynth evaluate --real scans/ --synthetic other-tool-output/ -o report/ --json\n\n"
+        "  medsynth evaluate --utility segmentation --real test/ --real-labels test-labels/ --train train/ "
+        "--train-labels train-labels/ --synthetic samples/ --checkpoint runs/hippo --real-subsets 5,10,20 -o report/"
     )
 )
 def evaluate(
@@ -386,10 +448,48 @@ def evaluate(
     synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic volumes (any tool's).", **EXISTING),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for report.json and the figures.", file_okay=False),
     train_dir: Path | None = typer.Option(
-        None, "--train", help="The training volumes: enables the memorisation audit.", **EXISTING
+        None,
+        "--train",
+        help="The training volumes: enables the memorisation audit (and, with --utility, trains the reference segmenter).",
+        **EXISTING,
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Use this run's or checkpoint's plan (else one from --real)."
+    ),
+    utility: UtilityTask | None = typer.Option(
+        None,
+        "--utility",
+        help=(
+            "Downstream check: 'segmentation' trains one fixed 3D U-Net on the real --train pairs, on the synthetic "
+            "pairs and on both, and reports each one's Dice on the held-out --real pairs (train on synthetic, test on "
+            'real). Needs MONAI: pip install "medsynth[utility]".'
+        ),
+    ),
+    train_labels: Path | None = typer.Option(
+        None, "--train-labels", help="Label maps of the --train images (pairing as for train --labels).", **EXISTING
+    ),
+    real_labels: Path | None = typer.Option(
+        None, "--real-labels", help="Label maps of the held-out --real images.", **EXISTING
+    ),
+    synthetic_labels: Path | None = typer.Option(
+        None,
+        "--synthetic-labels",
+        help="Label maps of the --synthetic images (default: beside them, name_label.nii.gz, as sample writes them).",
+        **EXISTING,
+    ),
+    real_subsets: str | None = typer.Option(
+        None,
+        "--real-subsets",
+        help=(
+            "Small-data experiment, e.g. 5,10,20: also train on only that many real pairs (evenly spaced by sorted "
+            "name), alone and with the synthetic pairs."
+        ),
+    ),
+    utility_steps: int = typer.Option(
+        UTILITY_STEPS,
+        "--utility-steps",
+        min=1,
+        help="Optimiser steps of each segmenter training, the same for every training set.",
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -397,12 +497,16 @@ def evaluate(
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ) -> None:
-    """Realism (C2ST, MMD, PRDC, W1), diversity (MS-SSIM) and a memorisation audit, with intervals."""
+    """Realism (C2ST, MMD, PRDC, W1), diversity (MS-SSIM) and a memorisation audit, with intervals;
+    with --utility segmentation, the Dice a segmenter trained on the synthetic pairs reaches on real ones."""
     from medsynth import console
     from medsynth.checkpoint import load_checkpoint
     from medsynth.evaluate import run_evaluation, summary_rows
     from medsynth.plan import Plan
 
+    utility_request = _utility_request(
+        utility, train_labels, real_labels, synthetic_labels, real_subsets, utility_steps, train_dir
+    )
     settings = _load_config(config, set_)
     _set_threads(threads)
     plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
@@ -417,6 +521,7 @@ def evaluate(
             seed=seed,
             progress=progress,
             on_message=console.info,
+            utility=utility_request,
         )
     if json_output:
         console.print_json(json.loads((output / "report.json").read_text()))
@@ -431,6 +536,48 @@ def evaluate(
     for warning in report["warnings"]:
         console.warn(warning)
     console.info("figures: " + ", ".join(report["figures"].values()))
+
+
+def _utility_request(utility, train_labels, real_labels, synthetic_labels, real_subsets, steps, train_dir):
+    """evaluate's utility options as a UtilityRequest (None without --utility); usage errors in one line."""
+    from medsynth.errors import UsageError
+
+    if utility is None:
+        given = [
+            name
+            for name, value in (
+                ("--train-labels", train_labels),
+                ("--real-labels", real_labels),
+                ("--synthetic-labels", synthetic_labels),
+                ("--real-subsets", real_subsets),
+                ("--utility-steps", None if steps == UTILITY_STEPS else steps),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)} belong(s) to the utility check: add --utility segmentation")
+        return None
+    if train_dir is None:
+        raise UsageError("--utility segmentation needs --train: the real training images it trains the reference on")
+    subsets: tuple[int, ...] = ()
+    if real_subsets:
+        try:
+            subsets = tuple(sorted({int(part) for part in real_subsets.split(",") if part.strip()}))
+        except ValueError:
+            raise UsageError(
+                f"--real-subsets {real_subsets}: give whole numbers separated by commas, e.g. 5,10,20"
+            ) from None
+        if not subsets or min(subsets) < 1:
+            raise UsageError(f"--real-subsets {real_subsets}: give counts of at least 1, e.g. 5,10,20")
+    from medsynth.evaluate.utility import SegmenterRecipe, UtilityRequest
+
+    return UtilityRequest(
+        train_labels=train_labels,
+        real_labels=real_labels,
+        synthetic_labels=synthetic_labels,
+        real_subsets=subsets,
+        recipe=SegmenterRecipe(steps=steps),
+    )
 
 
 def _flops(gflops: float) -> str:

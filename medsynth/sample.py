@@ -16,12 +16,21 @@ while they fit), made by the same forward pass, so (seed, i) fixes both. The sid
 manifest name the label file and the label set. With `--format dicom` the image is a DICOM series
 as usual and its label map is still NIfTI beside it (`sample_00000_label.nii.gz`): a DICOM SEG
 writer is not part of medsynth, and nnU-Net and most segmentation tools read NIfTI label maps.
+
+With `--format nnunet` a paired model's samples become an nnU-Net v2 raw dataset: `-o` is the
+nnUNet_raw folder, and `medsynth.nnunet.NnUNetRawWriter` writes `DatasetNNN_Name/imagesTr/
+synth_00000_0000.nii.gz` and `labelsTr/synth_00000.nii.gz` (the same voxels and affine as the NIfTI
+format's sample 0) and dataset.json. The sidecars and manifest.json go in the dataset's `medsynth/`
+folder, which nnU-Net never looks into (it reads dataset.json, imagesTr and labelsTr), and name the
+case files relative to themselves (`../imagesTr/...`). Shards write into one dataset folder; the
+last one to complete the set checks it with `verify_nnunet_dataset`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -40,11 +49,21 @@ from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, UsageError, WriteError
 from medsynth.io import Volume, cast_for_storage, file_sha256, write_dicom_series, write_nifti
 from medsynth.models import sample_latent, split_pairs
+from medsynth.nnunet import (
+    NnUNetRawWriter,
+    channel_name_for_modality,
+    dataset_folder_name,
+    scan_cases,
+    verify_nnunet_dataset,
+)
 from medsynth.plan import Plan
 
 MICROBATCH = 4
 SYNTHETIC_DESCRIPTION = f"SYNTHETIC medsynth {__version__}"
-FORMATS = ("nifti", "dicom")
+FORMATS = ("nifti", "dicom", "nnunet")
+# nnU-Net's published datasets use ids below 500; 500-999 are left for the user's own.
+DEFAULT_NNUNET_DATASET_ID = 900
+NNUNET_RECORDS_FOLDER = "medsynth"  # in the dataset folder: sidecars, manifest.json, preview.png
 
 
 class SampleError(MedsynthError):
@@ -128,6 +147,21 @@ class SampleRequest:
     shard: Shard = Shard(0, 1)
     force: bool = False
     preview: bool = False
+    # --format nnunet only: the dataset's id and name (None: DEFAULT_NNUNET_DATASET_ID, and a name
+    # made from the run folder's, `default_dataset_name`).
+    dataset_id: int | None = None
+    dataset_name: str | None = None
+
+
+def _prefix(file_format: str) -> str:
+    """What sample names start with. An nnU-Net case says it is synthetic in its identifier, which
+    nnU-Net carries into its splits and predictions, where it may sit beside real cases."""
+    return "synth" if file_format == "nnunet" else "sample"
+
+
+def _stem(index: int, file_format: str) -> str:
+    """Sample `index`'s name, without an ending: its files, its sidecar, its nnU-Net case."""
+    return f"{_prefix(file_format)}_{index:05d}"
 
 
 def _name(index: int, file_format: str) -> str:
@@ -139,13 +173,23 @@ def _label_name(index: int) -> str:
     return f"sample_{index:05d}_label.nii.gz"
 
 
-def _sidecar_path(out_dir: Path, index: int) -> Path:
-    return out_dir / f"sample_{index:05d}.json"
+def _sidecar_path(records_dir: Path, index: int, file_format: str) -> Path:
+    return records_dir / f"{_stem(index, file_format)}.json"
 
 
-def _done(out_dir: Path, index: int, identity: dict[str, Any]) -> bool:
-    """A sample is finished when its sidecar exists and names the same checkpoint, seed and format."""
-    sidecar = _sidecar_path(out_dir, index)
+def default_dataset_name(checkpoint_path: Path) -> str:
+    """An nnU-Net dataset name from the run folder's name (or a lone checkpoint file's):
+    runs/hippo -> "SyntheticHippo", runs/brain-mri.v2 -> "SyntheticBrainMriV2"."""
+    run_dir = checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else None
+    source = run_dir.resolve().name if run_dir is not None else checkpoint_path.stem
+    words = re.split(r"[^A-Za-z0-9]+", source)  # nnU-Net takes letters, digits and _ only
+    return "Synthetic" + "".join(word[:1].upper() + word[1:] for word in words)
+
+
+def _done(records_dir: Path, index: int, identity: dict[str, Any], file_format: str) -> bool:
+    """A sample is finished when its sidecar exists, names the same checkpoint, seed and format,
+    and its files (named relative to the sidecar's folder) exist."""
+    sidecar = _sidecar_path(records_dir, index, file_format)
     if not sidecar.exists():
         return False
     try:
@@ -155,11 +199,11 @@ def _done(out_dir: Path, index: int, identity: dict[str, Any]) -> bool:
     same = all(record.get(key) == value for key, value in identity.items())
     if not same:
         raise SampleError(
-            f"{out_dir} already holds sample {index} from another checkpoint, seed or format "
+            f"{records_dir} already holds sample {index} from another checkpoint, seed or format "
             f"({sidecar.name}); use --force to replace it, or another -o folder"
         )
     files = [record["file"], *([record["label_file"]] if record.get("label_file") else [])]
-    return all((out_dir / name).exists() for name in files)
+    return all((records_dir / name).exists() for name in files)
 
 
 def _write_one(
@@ -169,9 +213,24 @@ def _write_one(
     plan: Plan,
     request: SampleRequest,
     sidecar: dict[str, Any],
+    records_dir: Path,
+    nnunet: NnUNetRawWriter | None = None,
 ) -> dict:
-    # Cast once (rounding and clipping to the output dtype), so NIfTI and DICOM hold the same values.
+    # Cast once (rounding and clipping to the output dtype), so every format holds the same values.
     values = cast_for_storage(plan.to_real_units(volume), plan.output_dtype)
+    if nnunet is not None:
+        files = _write_nnunet_case(nnunet, index, values, label_map, plan, records_dir)
+    else:
+        files = _write_sample_files(index, values, label_map, plan, request, sidecar["seed"])
+    record = {**sidecar, "index": index, **files}
+    atomic_write_json(_sidecar_path(records_dir, index, request.file_format), record)  # after the files: marks done
+    return record
+
+
+def _write_sample_files(
+    index: int, values: np.ndarray, label_map: np.ndarray | None, plan: Plan, request: SampleRequest, seed: int
+) -> dict[str, str]:
+    """The image (NIfTI file or DICOM series) and its label map in the -o folder; their names."""
     name = _name(index, request.file_format)
     target = request.out_dir / name
     if request.file_format == "nifti":
@@ -189,10 +248,10 @@ def _write_one(
             modality="CT" if plan.modality == "ct" else "MR",
             dtype=plan.output_dtype,
             series_description=f"{SYNTHETIC_DESCRIPTION} sample {index}",
-            seed=sidecar["seed"],
+            seed=seed,
             value_range=plan.window,  # one stored unit for every MR sample of the run
         )
-    record = {**sidecar, "index": index, "file": name}
+    files = {"file": name}
     if label_map is not None and plan.label_values:
         # Same grid and affine as the image; label values, integers: nothing to round or window.
         label_name = _label_name(index)
@@ -202,21 +261,43 @@ def _write_one(
             dtype=label_dtype(plan.label_values),
             description=SYNTHETIC_DESCRIPTION,
         )
-        record["label_file"] = label_name
-    atomic_write_json(_sidecar_path(request.out_dir, index), record)  # after the volume: marks it done
-    return record
+        files["label_file"] = label_name
+    return files
 
 
-def write_manifest(out_dir: Path) -> Path:
+def _write_nnunet_case(
+    writer: NnUNetRawWriter,
+    index: int,
+    values: np.ndarray,
+    label_map: np.ndarray | None,
+    plan: Plan,
+    records_dir: Path,
+) -> dict[str, str]:
+    """Sample `index` as case synth_NNNNN of the dataset; its files named relative to the sidecar's folder."""
+    if label_map is None:
+        raise ValueError("an nnU-Net case needs its label map")
+    case = _stem(index, "nnunet")
+    # Stored as the plan's dtype, as the NIfTI format stores it. A case already complete on disk
+    # without a sidecar was stopped between its files and its sidecar; the writer keeps it.
+    writer.add_case(case, values, label_map, plan.affine, image_dtype=plan.output_dtype)
+    return {
+        "nnunet_case": case,
+        "file": Path(os.path.relpath(writer.image_path(case), records_dir)).as_posix(),
+        "label_file": Path(os.path.relpath(writer.label_path(case), records_dir)).as_posix(),
+    }
+
+
+def write_manifest(out_dir: Path, prefix: str = "sample") -> Path:
     """manifest.json: every finished sample in the folder, from all shards. Built under a lock by
-    whichever process finishes, from the sidecars, so the last shard to finish lists them all."""
+    whichever process finishes, from the sidecars (`prefix`_NNNNN.json), so the last shard to
+    finish lists them all."""
     import fcntl
 
     lock_path = out_dir / ".manifest.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         records = []
-        for sidecar in sorted(out_dir.glob("sample_*.json")):
+        for sidecar in sorted(out_dir.glob(f"{prefix}_*.json")):
             try:
                 record = json.loads(sidecar.read_text())
             except ValueError:
@@ -247,16 +328,27 @@ def write_manifest(out_dir: Path) -> Path:
 
 
 def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Generate and write this shard's samples. Returns a summary (written, skipped, paths)."""
+    """Generate and write this shard's samples. Returns a summary (written, skipped, paths; with
+    --format nnunet also "nnunet", see `_finish_nnunet`)."""
     if request.file_format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {request.file_format!r}")
     if request.count < 1 or request.batch_size < 1:
         raise UsageError("-n and --batch-size must be at least 1")
     if request.out_dir.exists() and not request.out_dir.is_dir():
         raise UsageError(f"{request.out_dir}: is a file; -o needs a folder for the samples")
+    if request.file_format != "nnunet" and (request.dataset_id is not None or request.dataset_name is not None):
+        raise UsageError("--dataset-id and --dataset-name name an nnU-Net dataset: they go with --format nnunet")
     checkpoint_path = resolve_checkpoint_path(request.checkpoint)
+    # (id, name) with --format nnunet, checked before the checkpoint is loaded
+    nnunet_dataset = _nnunet_dataset(request, checkpoint_path) if request.file_format == "nnunet" else None
     payload = load_checkpoint(checkpoint_path, map_location="cpu")
     plan = Plan.from_dict(payload["plan"])
+    if nnunet_dataset is not None and not plan.label_values:
+        raise UsageError(
+            f"{checkpoint_path}: --format nnunet needs a model trained on image + label pairs (nnU-Net trains "
+            "segmentation from label maps), and this one was trained on images alone; train with --labels, "
+            "or use --format nifti"
+        )
     config = config_from_dict(payload["config"])
     generator = generator_from_checkpoint(payload).to(request.device)
     latent_dim, prior = config.model.latent_dim, config.loss.latent_prior
@@ -269,6 +361,23 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         request.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a folder of the path should be, no permission, ...
         raise WriteError(str(request.out_dir), exc.strerror or type(exc).__name__) from None
+    nnunet_writer = None
+    records_dir = request.out_dir  # sidecars, manifest.json, preview.png
+    if nnunet_dataset is not None:
+        nnunet_writer = NnUNetRawWriter(
+            request.out_dir,
+            *nnunet_dataset,
+            channel_name_for_modality(plan.modality),
+            plan.label_values,
+            plan.label_names,
+            overwrite=request.force,
+            description=SYNTHETIC_DESCRIPTION,
+        )
+        records_dir = nnunet_writer.folder / NNUNET_RECORDS_FOLDER
+        try:
+            records_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise WriteError(str(records_dir), exc.strerror or type(exc).__name__) from None
     sidecar_base = {
         **identity,
         "synthetic": True,
@@ -285,8 +394,12 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         sidecar_base["label_values"] = list(plan.label_values)
         sidecar_base["label_names"] = list(plan.label_names or ())
         sidecar_base["label_dtype"] = label_dtype(plan.label_values)
+    if nnunet_writer is not None:
+        # nnU-Net needs classes 0, 1, 2...: the label files may hold renumbered values.
+        sidecar_base["nnunet_dataset"] = nnunet_writer.folder.name
+        sidecar_base["label_values_in_files"] = {str(k): v for k, v in nnunet_writer.label_mapping.items()}
     wanted = request.shard.indices(request.count)
-    todo = wanted if request.force else [i for i in wanted if not _done(request.out_dir, i, identity)]
+    todo = [i for i in wanted if request.force or not _done(records_dir, i, identity, request.file_format)]
     skipped = len(wanted) - len(todo)
 
     written: list[dict[str, Any]] = []
@@ -305,7 +418,11 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
             for row, (index, volume) in enumerate(zip(batch, volumes)):
                 label_map = label_maps[row] if label_maps is not None else None
                 sidecar = {**sidecar_base, "seed": sample_seed(request.seed, index)}
-                pending.append(writers.submit(_write_one, index, volume, label_map, plan, request, sidecar))
+                pending.append(
+                    writers.submit(
+                        _write_one, index, volume, label_map, plan, request, sidecar, records_dir, nnunet_writer
+                    )
+                )
                 if request.preview and len(preview_volumes) < 8:
                     preview_volumes.append(volume)
                     if label_map is not None:
@@ -318,19 +435,19 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
             written.append(future.result())
             if progress:
                 progress("sample", len(written), len(todo))
-    manifest = write_manifest(request.out_dir)
+    manifest = write_manifest(records_dir, _prefix(request.file_format))
     preview_path = None
     if request.preview and preview_volumes:
         from medsynth.preview import save_montage
 
         suffix = "" if request.shard.count == 1 else f"-shard{request.shard.index}of{request.shard.count}"
         preview_path = save_montage(
-            request.out_dir / f"preview{suffix}.png",
+            records_dir / f"preview{suffix}.png",
             preview_volumes,
             labels=preview_labels or None,
             spacing=plan.spacing,
         )
-    return {
+    summary = {
         "written": len(written),
         "skipped": skipped,
         "out_dir": str(request.out_dir),
@@ -338,4 +455,37 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         "preview": str(preview_path) if preview_path else None,
         "checkpoint": str(checkpoint_path),
         "step": int(payload["step"]),
+    }
+    if nnunet_writer is not None and nnunet_dataset is not None:
+        summary["nnunet"] = _finish_nnunet(nnunet_writer, request.count, nnunet_dataset[0])
+    return summary
+
+
+def _nnunet_dataset(request: SampleRequest, checkpoint_path: Path) -> tuple[int, str]:
+    """The dataset id and name asked for, or the defaults; UsageError (one line) for a bad one."""
+    dataset_id = DEFAULT_NNUNET_DATASET_ID if request.dataset_id is None else request.dataset_id
+    dataset_name = request.dataset_name if request.dataset_name is not None else default_dataset_name(checkpoint_path)
+    dataset_folder_name(dataset_id, dataset_name)
+    return dataset_id, dataset_name
+
+
+def _finish_nnunet(writer: NnUNetRawWriter, count: int, dataset_id: int) -> dict[str, Any]:
+    """dataset.json's final count, and `verify_nnunet_dataset` once the whole set of `count` cases
+    is on disk. A shard that finishes while others still write leaves the check to the last one:
+    a dataset half written by other processes would only show their work in progress."""
+    # Listed before finish() counts: every case seen here is then in numTraining (cases are never
+    # removed, and another shard's finish() counts at least as many), so the check sees no stale count.
+    on_disk = set(scan_cases(writer.folder)[0])
+    export = writer.finish()
+    present = sum(_stem(i, "nnunet") in on_disk for i in range(count))
+    complete = present == count
+    return {
+        "folder": str(export.folder),
+        "raw_root": str(writer.raw_root.resolve()),
+        "dataset_id": dataset_id,
+        "num_training": export.num_training,
+        "present": present,
+        "count": count,
+        "checked": complete,
+        "problems": verify_nnunet_dataset(export.folder) if complete else [],
     }

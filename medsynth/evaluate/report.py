@@ -1,20 +1,25 @@
 """The orchestrator of `medsynth evaluate`: load both sets through one plan, run every metric within
-a compute budget, write report.json and the figures, and put the result in plain words."""
+a compute budget, write report.json and the figures, and put the result in plain words. With a
+`UtilityRequest`, it also runs the downstream segmentation check (`medsynth.evaluate.utility`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
 from medsynth.config import Config
+from medsynth.errors import UsageError
 from medsynth.pipeline import prepare_dataset
 from medsynth.plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from medsynth.evaluate.utility import UtilityRequest
 
 # Below these set sizes a metric has too little power to mean much; it is computed, with a warning.
 SMALL_SET = 20
@@ -82,9 +87,12 @@ def run_evaluation(
     progress: Callable | None = None,
     on_message: Callable[[str], None] | None = None,
     budget: EvaluationBudget | None = None,
+    utility: UtilityRequest | None = None,
 ) -> dict[str, Any]:
     """Compute every metric within `budget` (the default one when None), write report.json and the
-    figures to `out_dir`, return the report."""
+    figures to `out_dir`, return the report. With `utility`, also the segmentation utility check,
+    which needs `train_dir` and label maps for every set; its inputs are checked before anything
+    is computed."""
     import torch
 
     from medsynth.evaluate import figures, memorisation, realism
@@ -95,15 +103,33 @@ def run_evaluation(
     budget = budget or EvaluationBudget()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    real_config = synthetic_config = train_config = config
+    utility_sets = None
+    if utility is not None:
+        from medsynth.evaluate import utility as utility_check
+
+        utility_check.require_monai()
+        if train_dir is None:
+            raise UsageError(
+                "--utility segmentation needs --train: the real training images it trains the reference on"
+            )
+        say("utility: preparing the labelled sets")
+        utility_sets = utility_check.load_sets(
+            train_dir, real_dir, synthetic_dir, utility, config, plan=plan, progress=progress
+        )
+        # Paired, so that label maps lying beside their images (name_label.nii.gz) are not read as volumes.
+        real_config = utility_check.paired_config(config, utility.real_labels)
+        synthetic_config = utility_check.paired_config(config, utility.synthetic_labels or synthetic_dir)
+        train_config = utility_check.paired_config(config, utility.train_labels)
     plan_source = "checkpoint"
     if plan is None:
-        plan = make_plan(fingerprint_folder(real_dir, config, progress=progress).fingerprint, config.plan)
+        plan = make_plan(fingerprint_folder(real_dir, real_config, progress=progress).fingerprint, config.plan)
         plan_source = "computed from the real set"
-    real, real_names = _load(Path(real_dir), config, plan, progress)
-    synthetic, synthetic_names = _load(Path(synthetic_dir), config, plan, progress)
+    real, real_names = _load(Path(real_dir), real_config, plan, progress)
+    synthetic, synthetic_names = _load(Path(synthetic_dir), synthetic_config, plan, progress)
     train = train_names = None
     if train_dir is not None:
-        train, train_names = _load(Path(train_dir), config, plan, progress)
+        train, train_names = _load(Path(train_dir), train_config, plan, progress)
     warnings: list[str] = []
     sizes = {"real": len(real), "synthetic": len(synthetic), **({"train": len(train)} if train is not None else {})}
     for name, count in sizes.items():
@@ -211,6 +237,9 @@ def run_evaluation(
             flagged, "flagged_pairs.png", f"Flagged as likely copies ({len(flagged)} shown)"
         )
     report["figures"] = {k: str(v) for k, v in paths.items()}
+    if utility_sets is not None:
+        report["utility"] = utility_check.segmentation_utility(utility_sets, utility, seed, on_message=say)
+        warnings.extend(report["utility"]["warnings"])
     report["verdict"] = verdict(report)
     atomic_write_json(out_dir / "report.json", _plain(report))
     return report
@@ -233,7 +262,8 @@ def _plain(value: Any) -> Any:
 
 def verdict(report: dict[str, Any]) -> list[str]:
     """The report in three plain sentences, one each for realism, diversity and privacy, each
-    naming the figure it rests on, so the reader does not have to know every metric."""
+    naming the figure it rests on, so the reader does not have to know every metric; a fourth,
+    on downstream utility, when the segmentation check ran."""
     lines = []
     c2st = report.get("c2st")
     if c2st:
@@ -280,6 +310,8 @@ def verdict(report: dict[str, Any]) -> list[str]:
             )
     else:
         lines.append("Privacy: not audited; pass --train with the training volumes to check for copies.")
+    if "utility" in report:
+        lines.append(report["utility"]["sentence"])
     return lines
 
 
@@ -354,4 +386,8 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                 "below -3 suggests copying",
             ]
         )
+    if "utility" in report:
+        from medsynth.evaluate.utility import summary_rows as utility_rows
+
+        rows.extend(utility_rows(report["utility"]))
     return rows
