@@ -403,3 +403,21 @@ def test_preview_draws_each_label_in_its_colour_over_the_greyscale_slices():
     grey = (drawn[..., 0] == drawn[..., 1]) & (drawn[..., 1] == drawn[..., 2])
     np.testing.assert_array_equal(drawn[grey][:, 0], plain[grey])  # the background is the plain image
     assert (~grey).sum() < grey.sum()  # labels tint only the cube
+
+
+def test_evaluate_reads_paired_samples_as_images_not_their_label_maps(run_cli, paired_run, tmp_path):
+    """`evaluate --synthetic` on a folder of pairs judges the images; the label maps beside them
+    must not count as more synthetic volumes."""
+    from medsynth.evaluate.report import holds_label_maps_beside_images
+
+    run_cli("sample", str(paired_run), "-n", "4", "-o", str(tmp_path / "pairs"))
+    assert holds_label_maps_beside_images(tmp_path / "pairs")
+    assert not holds_label_maps_beside_images(paired_run)
+    run_cli("sample", str(paired_run), "-n", "4", "-o", str(tmp_path / "more"), "--seed", "9")
+    code, _, stderr = run_cli(
+        "evaluate", "--real", str(tmp_path / "more"), "--synthetic", str(tmp_path / "pairs"),
+        "--checkpoint", str(paired_run), "-o", str(tmp_path / "report"),
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["n"]["synthetic"] == 4

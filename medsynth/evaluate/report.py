@@ -70,6 +70,14 @@ class EvaluationBudget:
                 raise ValueError(f"{field.name} must be at least 1, not {getattr(self, field.name)}")
 
 
+def holds_label_maps_beside_images(folder: str | Path) -> bool:
+    """Whether `folder` holds medsynth's paired samples: `x_label.nii.gz` beside `x.nii.gz`."""
+    return any(
+        label.with_name(label.name.replace("_label.nii.gz", ".nii.gz")).exists()
+        for label in Path(folder).glob("*_label.nii.gz")
+    )
+
+
 def _load(folder: Path, config: Config, plan: Plan, progress) -> tuple[np.ndarray, list[str]]:
     prepared = prepare_dataset(folder, config, plan=plan, progress=progress)
     volumes = np.stack([np.load(e.path) for e in prepared.entries])  # (N, X, Y, Z) in [-1, 1]
@@ -121,6 +129,12 @@ def run_evaluation(
         real_config = utility_check.paired_config(config, utility.real_labels)
         synthetic_config = utility_check.paired_config(config, utility.synthetic_labels or synthetic_dir)
         train_config = utility_check.paired_config(config, utility.train_labels)
+    elif holds_label_maps_beside_images(synthetic_dir):
+        # Paired samples judged as images: their label maps pair with them, so they are not read as
+        # more synthetic volumes (which would put label maps into every realism figure).
+        from medsynth.config import replace as replace_config
+
+        synthetic_config = replace_config(config, labels=replace_config(config.labels, dir=str(synthetic_dir)))
     plan_source = "checkpoint"
     if plan is None:
         plan = make_plan(fingerprint_folder(real_dir, real_config, progress=progress).fingerprint, config.plan)
