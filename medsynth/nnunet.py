@@ -23,7 +23,7 @@ The rules nnU-Net holds a raw dataset to, and which of them `verify_nnunet_datas
 - `labels` maps a class name to its value: "background" must be 0, and the values must be
   consecutive integers (0, 1, 2, ...). An "ignore" class, if any, must be the largest value + 1;
   a list of values is a region, which needs `regions_class_order`.
-- Every image file in imagesTr is `<case>_XXXX<file_ending>` (XXXX: the 4-digit channel), every
+- Every image file in imagesTr is `<case>_NNNN<file_ending>` (NNNN: the 4-digit channel), every
   case has every channel of `channel_names`, and a label map `labelsTr/<case><file_ending>`.
 - `numTraining` equals the number of cases in imagesTr.
 - A label map holds only declared values, and no NaN.
@@ -520,7 +520,7 @@ def _cases_in(folder: Path, ending: str, channels: list[int]) -> tuple[dict[str,
             continue  # nnU-Net looks only at files with the dataset's ending (not at temp files)
         named = pattern.fullmatch(path.name)
         if named is None:
-            problems.append(f"imagesTr/{path.name}: not named CASE_XXXX{ending} (XXXX: the 4-digit channel number)")
+            problems.append(f"imagesTr/{path.name}: not named CASE_NNNN{ending} (NNNN: the 4-digit channel number)")
             continue
         cases.setdefault(named.group(1), []).append(int(named.group(2)))
     for case, found in cases.items():

@@ -178,7 +178,7 @@ BROKEN = {
     "mismatched shape": (_break_shape, "shape"),
     "NaN image": (_break_nan_image, "NaN"),
     "undeclared label value": (_break_undeclared_label, "label values [7] are not declared"),
-    "file not named CASE_XXXX": (_break_file_name, "not named CASE_XXXX"),
+    "file not named CASE_NNNN": (_break_file_name, "not named CASE_NNNN"),
     "bad folder name": (_break_folder_name, "DatasetNNN_Name"),
 }
 

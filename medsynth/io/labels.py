@@ -300,7 +300,7 @@ def _nnunet_pairs(root: Path, data: dict[str, Any], io: IoConfig) -> LabelledDis
         case = re.fullmatch(r"(.+)_(\d{4})", base[: -len(ending)]) if base.endswith(ending) else None
         if case is None or source.frame is not None:
             images.skipped.append(
-                Skipped(source.name, f"not named CASE_XXXX{ending}, as nnU-Net names a case's channels")
+                Skipped(source.name, f"not named CASE_NNNN{ending}, as nnU-Net names a case's channels")
             )
         elif case.group(2) != "0000":
             other_channels.append(source.name)
