@@ -132,9 +132,9 @@ def run_evaluation(
     elif holds_label_maps_beside_images(synthetic_dir):
         # Paired samples judged as images: their label maps pair with them, so they are not read as
         # more synthetic volumes (which would put label maps into every realism figure).
-        from medsynth.config import replace as replace_config
+        from medsynth.evaluate.utility import paired_config  # light: MONAI is imported only to train
 
-        synthetic_config = replace_config(config, labels=replace_config(config.labels, dir=str(synthetic_dir)))
+        synthetic_config = paired_config(config, synthetic_dir)
     plan_source = "checkpoint"
     if plan is None:
         plan = make_plan(fingerprint_folder(real_dir, real_config, progress=progress).fingerprint, config.plan)
