@@ -81,11 +81,11 @@ EXISTING_FILE = {"exists": True, "dir_okay": False}
 
 
 def _load_config(config_path: Path | None, overrides: list[str], labels: Path | None = None):
-    from medsynth.config import load_config, replace
+    from medsynth.config import load_config, with_labels_dir
 
     settings = load_config(config_path, overrides)
     if labels is not None:  # resolved, so a resumed run compares the folder, not how it was typed
-        settings = replace(settings, labels=replace(settings.labels, dir=str(labels.resolve())))
+        settings = with_labels_dir(settings, labels.resolve())
     return settings
 
 

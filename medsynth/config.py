@@ -61,10 +61,30 @@ class LabelsConfig:
     # for); "skip" trains without those images and lists them. null means "refuse": every new
     # setting defaults to null, so that a run saved before the setting existed resumes unchanged.
     unlabeled: Literal["refuse", "skip"] | None = None
+    # Class names, as "VALUE=NAME" (e.g. ["1=anterior", "2=posterior"]), for label maps that come
+    # without a dataset.json: they go into the plan, the sidecars and an nnU-Net export. They win
+    # over dataset.json's; a value left unnamed is `label_<value>`. null: none given.
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.class_names  # noqa: B018 (validates)
 
     @property
     def skip_unlabeled(self) -> bool:
         return self.unlabeled == "skip"
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """`names` as {value: name}."""
+        named: dict[int, str] = {}
+        for entry in self.names or ():
+            value, sep, name = entry.partition("=")
+            if not sep or not value.strip().isdigit() or not name.strip():
+                raise ConfigError(f"labels.names: {entry!r} is not VALUE=NAME with a non-negative integer VALUE")
+            if int(value) in named:
+                raise ConfigError(f"labels.names: label value {int(value)} is named twice")
+            named[int(value)] = name.strip()
+        return named
 
 
 @dataclass(frozen=True)
@@ -499,3 +519,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def replace(config: Any, **changes: Any) -> Any:
     """`dataclasses.replace` that re-runs validation (frozen dataclasses validate in __post_init__)."""
     return dataclasses.replace(config, **changes)
+
+
+def with_labels_dir(config: Config, labels_dir: str | Path | None) -> Config:
+    """`config` pairing images with the label maps in `labels_dir` (None: only a dataset folder's own
+    labelsTr, or label maps lying beside their images as `medsynth sample` writes them)."""
+    return replace(config, labels=replace(config.labels, dir=str(labels_dir) if labels_dir else None))

@@ -281,6 +281,8 @@ def fingerprint_folder(
     """Discover, read and fingerprint every source (cached by content), and check each one's label
     map against it when there are label maps. Raises PlanError if no source is usable."""
     labelled = find_label_maps(root, _labels_dir(config), config.io)
+    if labelled is not None and config.labels.names:
+        labelled = replace(labelled, class_names={**labelled.class_names, **config.labels.class_names})
     discovery = labelled.images if labelled else discover_sources(root, config.io)
     skipped = list(discovery.skipped) + (labelled.skipped if labelled else [])
     if not discovery.sources:

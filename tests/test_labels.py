@@ -117,6 +117,27 @@ def test_nnunet_v2_layout_pairs_channel_0000_and_names_the_classes(tmp_path):
     assert len(fingerprinted.sources) == 2  # imagesTs and the _0001 channel are not training images
 
 
+def test_labels_names_setting_names_the_classes_over_dataset_json(tmp_path):
+    image = blob_volume((8, 8, 8))
+    for case in ("a", "b"):
+        write_nifti(tmp_path / "scans" / f"{case}.nii.gz", image)
+        write_nifti(tmp_path / "labels" / f"{case}.nii.gz", blob_labels(image), dtype=np.uint8)
+    unnamed = fingerprint_folder(tmp_path / "scans", labelled_config(tmp_path / "labels"))
+    assert unnamed.label_set() == ((0, 1, 2), ("background", "label_1", "label_2"))
+    named = fingerprint_folder(
+        tmp_path / "scans", labelled_config(tmp_path / "labels", 'labels.names=["2=posterior", "1 = anterior"]')
+    )
+    assert named.label_set() == ((0, 1, 2), ("background", "anterior", "posterior"))
+
+
+@pytest.mark.parametrize("names", ['["anterior"]', '["-1=x"]', '["1="]', '["1=a", "1=b"]'])
+def test_labels_names_that_are_not_value_equals_name_are_a_config_error(names):
+    from medsynth.config import ConfigError
+
+    with pytest.raises(ConfigError, match="labels.names"):
+        small_config(f"labels.names={names}")
+
+
 def test_decathlon_layout_pairs_its_training_list(tmp_path):
     root = tmp_path / "Task04_Hippocampus"
     for case in ("hippocampus_001", "hippocampus_003"):

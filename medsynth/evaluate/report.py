@@ -13,7 +13,7 @@ import numpy as np
 
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
-from medsynth.config import Config
+from medsynth.config import Config, with_labels_dir
 from medsynth.errors import UsageError
 from medsynth.pipeline import prepare_dataset
 from medsynth.plan import Plan, make_plan
@@ -126,15 +126,13 @@ def run_evaluation(
             train_dir, real_dir, synthetic_dir, utility, config, plan=plan, progress=progress
         )
         # Paired, so that label maps lying beside their images (name_label.nii.gz) are not read as volumes.
-        real_config = utility_check.paired_config(config, utility.real_labels)
-        synthetic_config = utility_check.paired_config(config, utility.synthetic_labels or synthetic_dir)
-        train_config = utility_check.paired_config(config, utility.train_labels)
+        real_config = with_labels_dir(config, utility.real_labels)
+        synthetic_config = with_labels_dir(config, utility.synthetic_labels or synthetic_dir)
+        train_config = with_labels_dir(config, utility.train_labels)
     elif holds_label_maps_beside_images(synthetic_dir):
         # Paired samples judged as images: their label maps pair with them, so they are not read as
         # more synthetic volumes (which would put label maps into every realism figure).
-        from medsynth.evaluate.utility import paired_config  # light: MONAI is imported only to train
-
-        synthetic_config = paired_config(config, synthetic_dir)
+        synthetic_config = with_labels_dir(config, synthetic_dir)
     plan_source = "checkpoint"
     if plan is None:
         plan = make_plan(fingerprint_folder(real_dir, real_config, progress=progress).fingerprint, config.plan)

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.config import Config
+from medsynth.config import Config, with_labels_dir
 from medsynth.errors import MedsynthError, UsageError
 from medsynth.evaluate.stats import bootstrap_interval, headline
 from medsynth.io.labels import PairingError, dataset_layout
@@ -150,13 +150,6 @@ class UtilitySets:
 # Loading the pairs
 
 
-def paired_config(config: Config, labels_dir: str | Path | None) -> Config:
-    """`config` with the label folder to pair images with (None: only a dataset folder's own)."""
-    from medsynth.config import replace as replace_config
-
-    return replace_config(config, labels=replace_config(config.labels, dir=str(labels_dir) if labels_dir else None))
-
-
 def _load_pairs(
     role: str,
     folder: Path,
@@ -176,7 +169,7 @@ def _load_pairs(
             f"{role}: {folder} has no label maps: pass {labels_option} DIR (or an nnU-Net or Decathlon dataset folder)"
         )
     try:
-        prepared = prepare_dataset(folder, paired_config(config, labels_dir), plan=plan, progress=progress)
+        prepared = prepare_dataset(folder, with_labels_dir(config, labels_dir), plan=plan, progress=progress)
     except PairingError as exc:
         raise PairingError(f"{role}: {exc}{hint}") from None
     except PlanError as exc:
