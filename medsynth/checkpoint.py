@@ -20,6 +20,7 @@ import torch
 from medsynth import __version__
 from medsynth.ada import AdaState
 from medsynth.atomic import atomic_write
+from medsynth.conditions import ConditionSpec
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, one_line_reason
 from medsynth.models import Generator3d, label_class_count
@@ -164,11 +165,12 @@ def _upgrade(payload: dict[str, Any]) -> Checkpoint:
 
 def generator_from_checkpoint(payload: Checkpoint, use_ema: bool = True) -> Generator3d:
     """The generator a checkpoint describes, with its EMA weights when present, in eval mode: paired
-    (image and label map) when the checkpoint's plan has a label set."""
+    (image and label map) when the checkpoint's plan has a label set, conditional when it has conditions."""
     config = config_from_dict(payload["config"])
     shape = tuple(payload["plan"]["target_shape"])
     label_classes = label_class_count(payload["plan"].get("label_values"))
-    generator = Generator3d(config.model, shape, label_classes)  # type: ignore[arg-type]
+    conditions = ConditionSpec.of(payload["plan"].get("conditions"))
+    generator = Generator3d(config.model, shape, label_classes, conditions)  # type: ignore[arg-type]
     state = payload.get("generator_ema") if use_ema and payload.get("generator_ema") else payload["generator"]
     generator.load_state_dict(state)
     return generator.eval()

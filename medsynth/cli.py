@@ -54,6 +54,15 @@ LABELS_HELP = (
     "case01_seg.nii.gz). Not needed for an nnU-Net v2 or Decathlon dataset folder (dataset.json, imagesTr, "
     "labelsTr), which brings its own."
 )
+CONDITIONS_HELP = (
+    "CSV or TSV table of per-scan conditions (age, sex, class): an ID column and one column per condition. A row "
+    "matches a scan whose name (or a folder of it) equals its ID or starts with it and _ - . or a space "
+    "(IXI012-HH-1211 matches IXI012-HH-1211_T1.nii.gz); numbers are continuous, text categorical "
+    "(conditions.* settings override)."
+)
+CLASS_FOLDERS_HELP = (
+    "Each scan's first folder below SCAN_DIR is its class (SCAN_DIR/<class>/...): a categorical condition."
+)
 THREADS_HELP = (
     "Compute threads for this process (default: one per available core). Give each of several processes its share."
 )
@@ -80,12 +89,21 @@ EXISTING = {"exists": True, "resolve_path": False}
 EXISTING_FILE = {"exists": True, "dir_okay": False}
 
 
-def _load_config(config_path: Path | None, overrides: list[str], labels: Path | None = None):
-    from medsynth.config import load_config, with_labels_dir
+def _load_config(
+    config_path: Path | None,
+    overrides: list[str],
+    labels: Path | None = None,
+    conditions: Path | None = None,
+    class_folders: bool = False,
+):
+    from medsynth.config import load_config, replace, with_labels_dir
 
     settings = load_config(config_path, overrides)
     if labels is not None:  # resolved, so a resumed run compares the folder, not how it was typed
         settings = with_labels_dir(settings, labels.resolve())
+    if conditions is not None or class_folders:
+        chosen = {"table": str(conditions.resolve())} if conditions is not None else {"class_folders": True}
+        settings = replace(settings, conditions=replace(settings.conditions, **chosen))
     return settings
 
 
@@ -95,6 +113,7 @@ def _load_config(config_path: Path | None, overrides: list[str], labels: Path | 
         "  medsynth inspect ~/scans/brains\n\n"
         "  medsynth inspect ~/scans/ct --set plan.target_shape=[128,128,64] --json > report.json\n\n"
         "  medsynth inspect ~/scans/hippocampus --labels ~/scans/hippocampus-labels\n\n"
+        "  medsynth inspect ~/scans/ixi --conditions participants.csv   # matching, coverage, distributions\n\n"
         "  medsynth inspect ~/nnUNet_raw/Dataset004_Hippocampus   # its labelsTr and dataset.json"
     )
 )
@@ -107,6 +126,8 @@ def inspect(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     labels: Path | None = typer.Option(None, "--labels", help=LABELS_HELP, exists=True, file_okay=False),
+    conditions: Path | None = typer.Option(None, "--conditions", help=CONDITIONS_HELP, **EXISTING_FILE),
+    class_folders: bool = typer.Option(False, "--class-folders", help=CLASS_FOLDERS_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     save_plan: Path | None = typer.Option(
         None, "--save-plan", help="Also write the plan to this JSON file (for `train --plan`).", dir_okay=False
@@ -121,7 +142,7 @@ def inspect(
     from medsynth.pipeline import NoUsableSources
     from medsynth.plan import Plan
 
-    settings = _load_config(config, set_, labels)
+    settings = _load_config(config, set_, labels, conditions, class_folders)
     try:
         with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
             report = inspect_folder(scan_dir, settings, cache_dir, progress)
@@ -174,6 +195,8 @@ def train(
         exists=True,
         file_okay=False,
     ),
+    conditions: Path | None = typer.Option(None, "--conditions", help=CONDITIONS_HELP, **EXISTING_FILE),
+    class_folders: bool = typer.Option(False, "--class-folders", help=CLASS_FOLDERS_HELP),
     init_from: Path | None = typer.Option(
         None,
         "--init-from",
@@ -202,7 +225,7 @@ def train(
     from medsynth.config import replace
     from medsynth.plan import Plan
 
-    settings = _load_config(config, set_, labels)
+    settings = _load_config(config, set_, labels, conditions, class_folders)
     flags = {
         k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "device": device}.items() if v is not None
     }

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from medsynth.config import ConditionsConfig
 from medsynth.errors import UsageError
 
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "missing"})
@@ -403,3 +404,99 @@ def conditions_from_folders(scan_names: list[str]) -> ScanConditions:
         )
     column = ConditionColumn(CLASS_FOLDER_COLUMN, CATEGORICAL, categories=tuple(found))
     return ScanConditions((column,), [{CLASS_FOLDER_COLUMN: c} for c in classes], "class folders")
+
+
+def scan_conditions(settings: ConditionsConfig, scan_names: list[str]) -> ScanConditions | None:
+    """The conditions of these scans under `settings` (the config's `conditions` section), or None
+    when no source of conditions is set."""
+    if settings.table:
+        return conditions_from_table(
+            settings.table,
+            scan_names,
+            id_column=settings.id_column,
+            use=settings.columns,
+            categorical=settings.categorical or (),
+            continuous=settings.continuous or (),
+        )
+    if settings.class_folders:
+        return conditions_from_folders(scan_names)
+    return None
+
+
+def conditions_report(found: ScanConditions, scan_names: list[str]) -> dict[str, Any]:
+    """What `inspect` shows: per column its kind, coverage and distribution; scans with no row,
+    rows with no scan, values that could not be read."""
+    columns = []
+    for column in found.columns:
+        present = [row[column.name] for row in found.values if row.get(column.name) is not None]
+        entry: dict[str, Any] = {**column.to_dict(), "present": len(present), "of": len(found.values)}
+        if column.kind == CATEGORICAL:
+            entry["counts"] = {c: sum(v == c for v in present) for c in column.categories or ()}
+        columns.append(entry)
+    no_row = [n for n, r in zip(scan_names, found.rows) if r is None] if found.rows else []
+    return {
+        "source": found.source,
+        "id_column": found.id_column,
+        "columns": columns,
+        "scans_without_row": no_row,
+        "rows_without_scan": list(found.unmatched_ids),
+        "unparsed": list(found.unparsed),
+        "notes": list(found.notes),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model sees
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """The shape of a model's condition codes: `continuous` numbers, then one class index per
+    categorical column, each with `categories[j]` classes (index 0 is "unknown").
+
+    A code row is [value_1 .. value_c, present_1 .. present_c, class_1 .. class_k] (float32):
+    standardised values (0 where missing), 1/0 presence flags, class indices as whole numbers."""
+
+    continuous: int
+    categories: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return 2 * self.continuous + len(self.categories)
+
+    @classmethod
+    def of(cls, columns: tuple[dict[str, Any], ...] | None) -> ConditionSpec | None:
+        """The spec of a plan's `conditions` (None: an unconditional model)."""
+        if not columns:
+            return None
+        return cls(
+            continuous=sum(c["kind"] == CONTINUOUS for c in columns),
+            categories=tuple(len(c["categories"]) for c in columns if c["kind"] == CATEGORICAL),
+        )
+
+
+def condition_codes(columns: tuple[ConditionColumn, ...], values: list[dict[str, Any]]) -> np.ndarray:
+    """Conditions in the table's units -> code rows (n, width) float32, as `ConditionSpec` lays them out."""
+    numbers, present, classes = encode(columns, values)
+    return np.concatenate([numbers * present, present, classes], axis=1).astype(np.float32)
+
+
+def plan_columns(plan_conditions: tuple[dict[str, Any], ...]) -> tuple[ConditionColumn, ...]:
+    return tuple(ConditionColumn.from_dict(c) for c in plan_conditions)
+
+
+def check_against_plan(found: ScanConditions, plan_conditions: tuple[dict[str, Any], ...]) -> None:
+    """A resumed run (or `--plan`) keeps its plan's conditions and scaling: the table must give the
+    same columns with the same kinds, and no class the plan does not know."""
+    planned = {c.name: c for c in plan_columns(plan_conditions)}
+    given = {c.name: c for c in found.columns}
+    if list(planned) != list(given) or any(planned[n].kind != given[n].kind for n in planned):
+        raise ConditionsError(
+            f"{found.source}: conditions {[(c.name, c.kind) for c in found.columns]} differ from the plan's "
+            f"{[(c.name, c.kind) for c in planned.values()]}; use the table the run was started with"
+        )
+    for name, column in given.items():
+        if column.kind == CATEGORICAL:
+            new = sorted(set(column.categories or ()) - set(planned[name].categories or ()))
+            if new:
+                raise ConditionsError(f"{found.source}: {name} has class(es) {new} the plan does not know")

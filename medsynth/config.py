@@ -88,6 +88,36 @@ class LabelsConfig:
 
 
 @dataclass(frozen=True)
+class ConditionsConfig:
+    """Per-scan conditions (age, sex, class) for a conditional model (medsynth.conditions has the
+    matching rule). Every setting defaults to null: a run without conditions is unchanged."""
+
+    # CSV or TSV table (`--conditions`): one row per subject, an ID column and the conditions.
+    table: str | None = None
+    # true: SCAN_DIR/<class>/... gives each scan a categorical condition, "class". null = false.
+    class_folders: bool | None = None
+    # The table's ID column; null: the column whose values match the most scan names.
+    id_column: str | None = None
+    # The columns to condition on; null: every column but the ID column.
+    columns: tuple[str, ...] | None = None
+    # Kinds, where the inference (numbers are continuous, text categorical) is wrong: a 0/1
+    # diagnosis column is classes, so list it under categorical.
+    categorical: tuple[str, ...] | None = None
+    continuous: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.table and self.class_folders:
+            raise ConfigError("conditions.table and conditions.class_folders: give one source of conditions, not both")
+        both = sorted(set(self.categorical or ()) & set(self.continuous or ()))
+        if both:
+            raise ConfigError(f"conditions.categorical and conditions.continuous both name {both}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.table or self.class_folders)
+
+
+@dataclass(frozen=True)
 class PlanConfig:
     """What the dataset plan is derived from. Everything left as "auto" is read off the data."""
 
@@ -323,6 +353,7 @@ class Config:
 
     io: IoConfig = field(default_factory=IoConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

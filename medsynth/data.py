@@ -161,7 +161,7 @@ def with_label(entry: CacheEntry, name: str, key: str, path: Path, record: dict[
 class CachedVolumeDataset:
     """Map-style dataset over cached volumes: item i is a (1, X, Y, Z) float32 array in [-1, 1];
     with `label_paths` (one per volume), the pair (volume, its label map as (1, X, Y, Z) uint8),
-    flipped together.
+    flipped together; with `condition_codes`, each item ends with the volume's code row.
 
     Arrays are memory-mapped, so worker processes share the page cache instead of copies.
     Augmentation draws from a generator seeded by (seed, epoch, index): the same epoch gives the
@@ -175,11 +175,16 @@ class CachedVolumeDataset:
         augment: AugmentConfig | None = None,
         seed: int = 0,
         label_paths: list[str] | None = None,
+        condition_codes: np.ndarray | None = None,
     ):
         self.paths = list(paths)
         self.label_paths = list(label_paths) if label_paths is not None else None
         if self.label_paths is not None and len(self.label_paths) != len(self.paths):
             raise ValueError(f"{len(self.label_paths)} label maps for {len(self.paths)} volumes")
+        # (n, width) float32, one row per volume (medsynth.conditions.ConditionSpec), or None.
+        self.condition_codes = condition_codes
+        if condition_codes is not None and len(condition_codes) != len(self.paths):
+            raise ValueError(f"{len(condition_codes)} condition rows for {len(self.paths)} volumes")
         self.augment = augment or AugmentConfig(flip_axes=(), intensity_jitter=0.0)
         self.seed = seed
         self.epoch = 0
@@ -202,7 +207,16 @@ class CachedVolumeDataset:
             self._label_maps[index] = np.load(self.label_paths[index], mmap_mode="r")  # type: ignore[index]
         return self._label_maps[index]
 
-    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The volume; with label maps, (volume, label map); with conditions, the volume's
+        condition codes (width,) after those."""
+        item = self._volume_item(index)
+        if self.condition_codes is None:
+            return item
+        codes = np.array(self.condition_codes[index], dtype=np.float32)  # (width,)
+        return (*item, codes) if isinstance(item, tuple) else (item, codes)
+
+    def _volume_item(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         volume = np.array(self._array(index), dtype=np.float32)  # (X, Y, Z), a private copy
         labels = self._label_map(index) if self.label_paths is not None else None
         augment = self.augment

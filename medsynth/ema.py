@@ -31,13 +31,15 @@ def recalibrate_batchnorm(
     seed: int,
     batches: int = 8,
     batch_size: int = 8,
+    condition_codes: torch.Tensor | None = None,
 ) -> None:
     """Recompute BatchNorm running statistics for the current (EMA) weights ("standing statistics").
 
     The EMA generator's weights are an average over many steps, so the running statistics copied
     from the live generator do not match them; sampling in eval mode with mismatched statistics
     gives washed-out volumes. A few batches through the EMA weights fix that. Noise comes from its
-    own generator, so training's random stream is untouched.
+    own generator, so training's random stream is untouched. A conditional generator is run on
+    rows of `condition_codes` (n, width), the training set's, drawn from the same generator.
     """
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -49,7 +51,12 @@ def recalibrate_batchnorm(
     generator.train()
     rng = torch.Generator(device=device).manual_seed(seed)
     for _ in range(batches):
-        generator(sample_latent(batch_size, latent_dim, prior, rng, device))
+        z = sample_latent(batch_size, latent_dim, prior, rng, device)
+        if condition_codes is None:
+            generator(z)
+        else:
+            rows = torch.randint(len(condition_codes), (batch_size,), generator=rng, device=device)
+            generator(z, condition_codes.to(device)[rows])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     generator.eval()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth import console
+from medsynth.conditions import CONTINUOUS, conditions_report, scan_conditions
 from medsynth.config import Config
 from medsynth.io import Skipped, Source
 from medsynth.io.labels import PairingError
@@ -89,6 +90,11 @@ def inspect_folder(
     }
     if found.labelled is not None:
         report["labels"] = _label_report(found, config, verdict)
+    names = [source.name for source in planned.sources]
+    conditions = scan_conditions(config.conditions, names)
+    if conditions is not None:
+        report["conditions"] = conditions_report(conditions, names)
+        report["plan"] = plan.with_conditions([c.to_dict() for c in conditions.columns]).to_dict()
     return report
 
 
@@ -184,6 +190,8 @@ def render(report: dict[str, Any]) -> None:
 
     if "labels" in report:
         render_labels(report["labels"])
+    if "conditions" in report:
+        render_conditions(report["conditions"])
 
     fp = report["fingerprint"]
     counts = ", ".join(f"{n} {m.upper()}" for m, n in fp["modality_counts"].items())
@@ -230,6 +238,8 @@ def render(report: dict[str, Any]) -> None:
     ]
     if plan.get("label_values") is not None:
         plan_rows.append(["label set", _label_set(plan["label_values"], plan["label_names"])])
+    for column in plan.get("conditions") or ():
+        plan_rows.append([f"condition {column['name']}", _condition_in_plan(column)])
     plan_rows += [["note", n] for n in plan["notes"]]
     out.print(console.table("Plan", ["", ""], plan_rows, show_header=False))
 
@@ -275,3 +285,45 @@ def render_labels(labels: dict[str, Any]) -> None:
         out.print(console.table(f"{len(unlabeled)} without a usable label map", ["image", "why"], rows))
     if labels["verdict"]:
         out.print(labels["verdict"], markup=False)
+
+
+def _condition_in_plan(column: dict[str, Any]) -> str:
+    if column["kind"] == CONTINUOUS:
+        return (
+            f"continuous, standardised with mean {_format_value(column['mean'])} and sd {_format_value(column['std'])}; "
+            f"sample accepts {_format_value(column['minimum'])} … {_format_value(column['maximum'])}"
+        )
+    return "categorical: " + ", ".join(column["categories"])
+
+
+def _distribution(column: dict[str, Any]) -> str:
+    if column["kind"] == CONTINUOUS:
+        return (
+            f"mean {_format_value(column['mean'])} ± {_format_value(column['std'])}, "
+            f"range {_format_value(column['minimum'])} … {_format_value(column['maximum'])}"
+        )
+    return ", ".join(f"{name} {count}" for name, count in column["counts"].items())
+
+
+def render_conditions(conditions: dict[str, Any]) -> None:
+    """Each condition column (kind, coverage, distribution), then each problem on its own line."""
+    out = console.out
+    source = conditions["source"]
+    matched = f", rows matched by {conditions['id_column']}" if conditions["id_column"] else ""
+    rows = [[c["name"], c["kind"], f"{c['present']} of {c['of']}", _distribution(c)] for c in conditions["columns"]]
+    out.print(
+        console.table(f"Conditions ({source}{matched})", ["column", "kind", "scans with a value", "values"], rows)
+    )
+    for note in conditions["notes"]:
+        out.print(f"  note: {note}", markup=False)
+    without, unused = conditions["scans_without_row"], conditions["rows_without_scan"]
+    if without:
+        out.print(
+            f"  {len(without)} scan(s) have no row (they train with every condition unknown): {', '.join(without)}",
+            markup=False,
+        )
+    if unused:
+        listed = ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+        out.print(f"  {len(unused)} row(s) match no scan: {listed}", markup=False)
+    for line in conditions["unparsed"]:
+        out.print(f"  {line}", markup=False)

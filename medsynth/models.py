@@ -11,17 +11,26 @@ Paired variants (`label_classes` K > 0, from the plan's label set): G makes an i
 map together, (B, 1 + K, X, Y, Z): channel 0 the image, channels 1..K one class each (class k is
 the plan's `label_values[k]`), and D judges the pair, 1 + K channels per volume. With K = 0 both
 networks are exactly the unlabeled ones: the same modules, parameter names and shapes.
+
+Conditional variants (`conditions`, a `ConditionSpec` from the plan's conditions): G joins z with
+an embedding of the condition codes (a cGAN's input conditioning, Mirza & Osindero 2014), and D
+is a projection discriminator (Miyato & Koyama 2018). Without conditions both networks are again
+exactly the unconditional ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from medsynth.conditions import ConditionSpec
 from medsynth.config import ModelConfig
+
+# Width of the condition embedding joined to z: enough for a few columns, small beside latent_dim.
+CONDITION_EMBEDDING = 32
 
 
 def stage_count(shape: tuple[int, int, int], base_grid: int) -> int:
@@ -243,11 +252,43 @@ def empty_voxel(channels: int, label_classes: int, like: torch.Tensor) -> torch.
     return torch.tensor(image + labels, dtype=like.dtype, device=like.device).view(1, channels, 1, 1, 1)
 
 
+class ConditionEmbedding(nn.Module):
+    """Condition codes (B, spec.width), laid out as `conditions.ConditionSpec` says -> (B, dim).
+
+    Continuous values and their presence flags go through a small MLP (a missing value is its own
+    input, not a guess); each categorical column has an embedding table whose row 0 is "unknown".
+    The parts are summed. `wrap` is spectral norm in D, identity in G."""
+
+    def __init__(self, spec: ConditionSpec, dim: int, wrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+        super().__init__()
+        self.spec = spec
+        self.continuous = (
+            nn.Sequential(wrap(nn.Linear(2 * spec.continuous, dim)), nn.LeakyReLU(0.2), wrap(nn.Linear(dim, dim)))
+            if spec.continuous
+            else None
+        )
+        self.categorical = nn.ModuleList(wrap(nn.Embedding(1 + count, dim)) for count in spec.categories)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        c = self.spec.continuous
+        parts = [self.continuous(codes[:, : 2 * c].float())] if self.continuous is not None else []  # (B, dim)
+        for j, table in enumerate(self.categorical):
+            parts.append(table(codes[:, 2 * c + j].long()))  # (B, dim)
+        return torch.stack(parts).sum(0)  # (B, dim)
+
+
 class Generator3d(nn.Module):
     """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]; paired (`label_classes` K > 0): the
-    volume and its label map, (B, 1 + K, X, Y, Z), channels 1..K one-hot (`straight_through_one_hot`)."""
+    volume and its label map, (B, 1 + K, X, Y, Z), channels 1..K one-hot (`straight_through_one_hot`).
+    Conditional (`conditions`): z is joined by an embedding of each volume's condition codes."""
 
-    def __init__(self, config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0):
+    def __init__(
+        self,
+        config: ModelConfig,
+        shape: tuple[int, int, int],
+        label_classes: int = 0,
+        conditions: ConditionSpec | None = None,
+    ):
         super().__init__()
         self.latent_dim = config.latent_dim
         self.label_classes = label_classes
@@ -256,7 +297,9 @@ class Generator3d(nn.Module):
         channels = channels_per_stage(config, stages, config.generator_channels)
         self.base_shape = _base_shape(self.shape, stages)
         self.base_channels = channels[-1]
-        self.project = nn.Linear(config.latent_dim, channels[-1] * math.prod(self.base_shape), bias=False)
+        self.condition = ConditionEmbedding(conditions, CONDITION_EMBEDDING) if conditions else None
+        inputs = config.latent_dim + (CONDITION_EMBEDDING if conditions else 0)
+        self.project = nn.Linear(inputs, channels[-1] * math.prod(self.base_shape), bias=False)
         self.project_norm = nn.BatchNorm3d(channels[-1])
         blocks: list[nn.Module] = []
         for i in range(stages - 1, 0, -1):
@@ -273,7 +316,11 @@ class Generator3d(nn.Module):
             if isinstance(module, PixelShuffleUp3d):
                 module.initialise_icnr()
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        if self.condition is not None:
+            if codes is None:
+                raise ValueError("a conditional generator needs condition codes")
+            z = torch.cat([z, self.condition(codes).to(z.dtype)], dim=1)  # (B, latent_dim + embedding)
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
         x = torch.relu(self.project_norm(x))
         x = self.blocks(x)  # (B, base_channels, X/2, Y/2, Z/2)
@@ -298,9 +345,19 @@ class MinibatchStd(nn.Module):
 
 class Discriminator3d(nn.Module):
     """volumes (B, pack, X, Y, Z) -> one logit per pack of volumes (B,); paired (`label_classes` K > 0):
-    (B, pack · (1 + K), X, Y, Z), each volume's image and its K label channels side by side."""
+    (B, pack · (1 + K), X, Y, Z), each volume's image and its K label channels side by side.
 
-    def __init__(self, config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0):
+    Conditional (`conditions`): a projection discriminator (Miyato & Koyama 2018). The logit gains
+    <embed(y), h>, h D's last features averaged over space; a pack's embedding is the sum of one
+    embedding per position in the pack, so D knows which volume had which condition."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        shape: tuple[int, int, int],
+        label_classes: int = 0,
+        conditions: ConditionSpec | None = None,
+    ):
         super().__init__()
         stages = stage_count(tuple(shape), config.base_grid)
         channels = channels_per_stage(config, stages)
@@ -324,22 +381,39 @@ class Discriminator3d(nn.Module):
         if config.minibatch_std:
             layers.append(MinibatchStd())
         self.features = nn.Sequential(*layers)
-        self.to_logit = wrap(nn.Linear((channels[-1] + int(config.minibatch_std)) * math.prod(base_shape), 1))
+        feature_channels = channels[-1] + int(config.minibatch_std)
+        self.to_logit = wrap(nn.Linear(feature_channels * math.prod(base_shape), 1))
+        self.condition = (
+            nn.ModuleList(ConditionEmbedding(conditions, feature_channels, wrap) for _ in range(config.pack))
+            if conditions
+            else None
+        )
         initialise_dcgan(self)
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def forward(self, volume: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """`codes` (B, pack, width): the condition codes of each pack's volumes, in pack order."""
         features = self.features(volume)  # (B, C, x/2^n, y/2^n, z/2^n)
-        return self.to_logit(features.flatten(1)).squeeze(1)  # (B,)
+        logit = self.to_logit(features.flatten(1)).squeeze(1)  # (B,)
+        if self.condition is None:
+            return logit
+        if codes is None:
+            raise ValueError("a conditional discriminator needs condition codes")
+        pooled = features.mean(dim=(2, 3, 4))  # (B, C); a mean, so the term's scale does not grow with the grid
+        embedded = torch.stack([embed(codes[:, i]) for i, embed in enumerate(self.condition)]).sum(0)  # (B, C)
+        return logit + (embedded.to(pooled.dtype) * pooled).sum(dim=1)  # (B,)
 
 
 def initialise_dcgan(module: nn.Module) -> None:
-    """DCGAN initialisation: weights N(0, 0.02); norm scales N(1, 0.02); biases 0."""
+    """DCGAN initialisation: weights (and embeddings) N(0, 0.02); norm scales N(1, 0.02); biases 0."""
     for layer in module.modules():
         if isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
             weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
             nn.init.normal_(weight, 0.0, 0.02)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.Embedding):  # condition embeddings start as small as the layers they feed
+            weight = layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+            nn.init.normal_(weight, 0.0, 0.02)
         elif isinstance(layer, (nn.BatchNorm3d, nn.InstanceNorm3d)) and layer.weight is not None:
             nn.init.normal_(layer.weight, 1.0, 0.02)
             nn.init.zeros_(layer.bias)
@@ -357,23 +431,27 @@ def sample_latent(
 
 
 def build_models(
-    config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0
+    config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0, conditions: ConditionSpec | None = None
 ) -> tuple[Generator3d, Discriminator3d]:
-    return Generator3d(config, shape, label_classes), Discriminator3d(config, shape, label_classes)
+    return (
+        Generator3d(config, shape, label_classes, conditions),
+        Discriminator3d(config, shape, label_classes, conditions),
+    )
 
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_flops(module: nn.Module, example: torch.Tensor) -> int:
-    """Floating-point operations of one forward pass (multiply-add = 2), counted by torch."""
+def forward_flops(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    """Floating-point operations of one forward pass (multiply-add = 2), counted by torch.
+    `example`: the input, or a tuple of the inputs (a conditional model's volume and codes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     was_training = module.training
     module.eval()
     with counter, torch.no_grad():
-        module(example)
+        module(*example) if isinstance(example, tuple) else module(example)
     module.train(was_training)
     return int(counter.get_total_flops())

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medsynth.atomic import atomic_write, atomic_write_json
+from medsynth.conditions import ScanConditions, check_against_plan, condition_codes, plan_columns, scan_conditions
 from medsynth.config import Config
 from medsynth.data import (
     CacheEntry,
@@ -425,6 +426,10 @@ class PreparedDataset:
     skipped: list[Skipped]
     cache_dir: str
     built: int = 0  # volumes preprocessed in this call (0 on a fully warm cache)
+    # With conditions (`conditions.table` / `class_folders`): each entry's conditions, and their
+    # code rows (n, width) as the model sees them, scaled as the plan says.
+    conditions: ScanConditions | None = None
+    condition_codes: np.ndarray | None = None
 
     @property
     def labelled(self) -> bool:
@@ -494,6 +499,19 @@ def prepare_dataset(
         raise PlanError(f"{root}: no volume could be preprocessed")
     if plan.output_affine is None:
         plan = plan.placed_at([entry.affine for entry in ready])
+    conditions = scan_conditions(config.conditions, [entry.name for entry in ready])
+    codes = None
+    if conditions is not None:
+        if plan.conditions is None:
+            plan = plan.with_conditions([column.to_dict() for column in conditions.columns])
+        else:  # a resumed run, or --plan: its scaling and classes stay
+            check_against_plan(conditions, plan.conditions)
+        codes = condition_codes(plan_columns(plan.conditions), conditions.values)
+    elif plan.conditions is not None:
+        raise PlanError(
+            f"the plan has conditions ({', '.join(c['name'] for c in plan.conditions)}) but none were given: "
+            "give --conditions TABLE (or --class-folders), or a plan made without them"
+        )
     prepared = PreparedDataset(
         root=str(root),
         plan=plan,
@@ -502,6 +520,8 @@ def prepare_dataset(
         skipped=skipped,
         cache_dir=str(cache),
         built=len(todo),
+        conditions=conditions,
+        condition_codes=codes,
     )
     identity = f"{Path(root).resolve()}:{plan.preprocessing_key()}"
     if found.labelled is not None:  # the same images with and without label maps: two manifests

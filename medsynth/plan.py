@@ -292,6 +292,10 @@ class Plan:
     # None for a dataset without labels, whose plan then reads and writes exactly as before.
     label_values: tuple[int, ...] | None = None
     label_names: tuple[str, ...] | None = None
+    # Conditions (`with_conditions`): per column its kind, and the training scans' scaling
+    # (continuous) or classes (categorical), as medsynth.conditions.ConditionColumn.to_dict. None
+    # without conditions, and then the plan reads and writes exactly as before.
+    conditions: tuple[dict[str, Any], ...] | None = None
 
     def preprocessing_key(self) -> str:
         """Hash of everything that changes a preprocessed volume; part of every cache key."""
@@ -345,12 +349,17 @@ class Plan:
             self, label_values=tuple(sorted(int(v) for v in values)), label_names=tuple(str(n) for n in names)
         )
 
+    def with_conditions(self, columns: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> Plan:
+        """This plan, recording the conditions a model is trained on and how they were scaled, so
+        that `sample` takes values in the table's own units. Preprocessing does not change."""
+        return replace(self, conditions=tuple(dict(c) for c in columns))
+
     # ---------------------------------------------------------------- files
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # A plan without labels is written exactly as before labels existed.
-        for key in ("label_values", "label_names"):
+        for key in ("label_values", "label_names", "conditions"):
             if data[key] is None:
                 del data[key]
         return data
@@ -368,7 +377,7 @@ class Plan:
             data[key] = tuple(data[key])
         if data.get("percentiles") is not None:
             data["percentiles"] = tuple(data["percentiles"])
-        for key in ("label_values", "label_names"):
+        for key in ("label_values", "label_names", "conditions"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         if data.get("output_affine") is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from medsynth.atomic import atomic_write_bytes, atomic_write_json
 from medsynth.checkpoint import CheckpointError, load_checkpoint
+from medsynth.conditions import ConditionSpec
 from medsynth.config import Config, config_from_dict, config_to_dict
 from medsynth.distributed import Runtime, barrier
 from medsynth.errors import UsageError
@@ -242,6 +243,7 @@ def train_run(
         on_event=on_event,
         # With a label set, every entry has its label map (pipeline.unlabeled_images saw to that).
         label_paths=[entry.label_path for entry in prepared.entries] if prepared.plan.label_values else None,  # type: ignore[misc]
+        condition_codes=prepared.condition_codes,
     )
     if initial is not None:
         source, payload = initial
@@ -255,6 +257,12 @@ def train_run(
             raise RunRefused(
                 f"--init-from {source}: its model makes {_label_set_words(theirs)}, this run's makes "
                 f"{_label_set_words(ours)}; start from a run with the same number of label classes"
+            )
+        theirs_conditions = ConditionSpec.of(payload["plan"].get("conditions"))
+        if theirs_conditions != ConditionSpec.of(prepared.plan.conditions):
+            raise RunRefused(
+                f"--init-from {source}: its model takes conditions {theirs_conditions or 'none'}, this run's "
+                f"{ConditionSpec.of(prepared.plan.conditions) or 'none'}; start from a run with the same conditions"
             )
         trainer.load_weights(payload)
         if runtime.is_main:
@@ -309,11 +317,17 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
     from medsynth.models import build_models, forward_flops, label_class_count, parameter_count
 
     label_classes = label_class_count(plan.label_values)
-    generator, discriminator = build_models(config.model, plan.target_shape, label_classes)
+    conditions = ConditionSpec.of(plan.conditions)
+    generator, discriminator = build_models(config.model, plan.target_shape, label_classes, conditions)
     z = torch.zeros(1, config.model.latent_dim)
     volume = torch.zeros(1, config.model.pack * (1 + label_classes), *plan.target_shape)
-    g_flops = forward_flops(generator, z)
-    d_flops = forward_flops(discriminator, volume) / config.model.pack  # per volume judged
+    if conditions:  # unknown conditions: the codes' values do not change the count
+        codes = torch.zeros(1, conditions.width)
+        g_flops = forward_flops(generator, (z, codes))
+        d_flops = forward_flops(discriminator, (volume, codes.expand(config.model.pack, -1)[None])) / config.model.pack
+    else:
+        g_flops = forward_flops(generator, z)
+        d_flops = forward_flops(discriminator, volume) / config.model.pack  # per volume judged
     batch = config.train.batch_size
     # A step: D sees m real and m fake (G forward without grad), then G trains through D. Backward
     # costs about twice the forward. With loss.share_fake, the D update reuses G's forward for the
@@ -354,7 +368,11 @@ def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, s
                 label_paths.append(str(Path(tmp) / f"labels{i}.npy"))
                 np.save(label_paths[-1], rng.choice(np.array(plan.label_values, dtype=np.uint8), plan.target_shape))
         timed = replace(config, train=replace(config.train, amp=amp, loader_workers=0, compile=False))
-        trainer = Trainer(timed, plan, paths, Path(tmp) / "run", runtime, label_paths=label_paths or None)
+        conditions = ConditionSpec.of(plan.conditions)
+        codes = np.zeros((len(paths), conditions.width), dtype=np.float32) if conditions else None  # all unknown
+        trainer = Trainer(
+            timed, plan, paths, Path(tmp) / "run", runtime, label_paths=label_paths or None, condition_codes=codes
+        )
         try:
             return median_seconds(trainer.train_step, steps, runtime.device)
         finally:

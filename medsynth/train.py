@@ -11,6 +11,10 @@ Everything D judges (real volumes, fakes, the R1 and gradient-penalty inputs, an
 G step) passes through one method, `run_discriminator`: DiffAugment, then PacGAN packing, then D.
 A new input to D (a label map, a condition) therefore reaches every D call or none.
 
+With conditions in the plan (age, sex, a class), each real minibatch travels with its volumes'
+condition codes; G makes this step's fakes at the same codes, and every D call gets them
+(a projection discriminator, models.Discriminator3d).
+
 With a label set in the plan (K classes), the game is played on pairs: a real volume travels with
 its label map as K one-hot channels after the image, (B, 1 + K, X, Y, Z), G makes such pairs
 (models.Generator3d), and every D call, penalty and augmentation sees both.
@@ -50,6 +54,7 @@ from medsynth.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from medsynth.conditions import ConditionSpec
 from medsynth.config import Config, config_to_dict
 from medsynth.data import CachedVolumeDataset
 from medsynth.diffaug import diff_augment
@@ -161,9 +166,12 @@ class Trainer:
         on_step: StepCallback | None = None,
         on_event: EventCallback | None = None,
         label_paths: list[str] | None = None,
+        condition_codes: np.ndarray | None = None,
     ):
         """`label_paths`: each volume's cached label map (uint8 label values on its grid), required
-        exactly when the plan has a label set: the paired model is then trained on both."""
+        exactly when the plan has a label set: the paired model is then trained on both.
+        `condition_codes` (n, width): each volume's conditions as the model sees them
+        (medsynth.conditions), required exactly when the plan has conditions."""
         self.config = config
         self.plan = plan
         self.run_dir = Path(run_dir)
@@ -180,8 +188,11 @@ class Trainer:
         self.label_classes = label_class_count(plan.label_values)
         if bool(self.label_classes) != (label_paths is not None):
             raise ValueError("label maps are needed exactly when the plan has a label set")
+        self.conditions = ConditionSpec.of(plan.conditions)
+        if bool(self.conditions) != (condition_codes is not None):
+            raise ValueError("condition codes are needed exactly when the plan has conditions")
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
-        generator, discriminator = build_models(config.model, plan.target_shape, self.label_classes)
+        generator, discriminator = build_models(config.model, plan.target_shape, self.label_classes, self.conditions)
         memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
         # The modules that own the weights: checkpoints, the EMA and previews use these.
         self.generator = generator.to(self.device, memory_format=memory_format)
@@ -212,7 +223,16 @@ class Trainer:
             self.generator_in_g_step = torch.compile(self.generator_in_g_step)
             self.discriminator_in_d_step = torch.compile(self.discriminator_in_d_step)
 
-        self.dataset = CachedVolumeDataset(volume_paths, config.augment, seed=config.seed, label_paths=label_paths)
+        self.dataset = CachedVolumeDataset(
+            volume_paths, config.augment, seed=config.seed, label_paths=label_paths, condition_codes=condition_codes
+        )
+        # Every training volume's codes on the device: BatchNorm recalibration draws from them, and
+        # previews show the first volumes' conditions (beside real.png, the same volumes).
+        self.condition_codes = (
+            torch.as_tensor(condition_codes, dtype=torch.float32, device=self.device)
+            if condition_codes is not None
+            else None
+        )
         self.batches = ResumableBatches(len(self.dataset), train.batch_size, config.seed, runtime)
         self.loader_workers = (
             train.loader_workers if train.loader_workers >= 0 else (4 if self.device.type == "cuda" else 0)
@@ -234,6 +254,11 @@ class Trainer:
             torch.Generator(device=self.device).manual_seed(config.seed + 12345),
             self.device,
         )
+        self.preview_codes = (
+            self.condition_codes[torch.arange(train.preview_samples) % len(self.condition_codes)]
+            if self.condition_codes is not None
+            else None
+        )  # (preview_samples, width)
         self.step = 0
         self.position = DataPosition()
         self.rollbacks = 0
@@ -281,9 +306,10 @@ class Trainer:
         )
         yield from loader
 
-    def _next_real(self) -> torch.Tensor:
+    def _next_real(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next minibatch of real volumes, (B, 1, X, Y, Z) on the device, or with label maps the
-        pairs as D sees them, (B, 1 + K, X, Y, Z); epochs roll over."""
+        pairs as D sees them, (B, 1 + K, X, Y, Z); and their condition codes (B, width), or None
+        for an unconditional model. Epochs roll over."""
         while True:
             if self._real_iterator is None:
                 self._real_iterator = self._loader(self.position.epoch, self.position.batch)
@@ -294,12 +320,17 @@ class Trainer:
                 self._real_iterator = None
                 continue
             self.position.batch += 1
+            codes = None
+            if self.conditions:
+                *batch, codes = batch
+                codes = codes.to(self.device, non_blocking=True)  # (B, width)
+                batch = batch if self.label_classes else batch[0]
             if self.label_classes:
                 volumes, label_maps = (part.to(self.device, non_blocking=True) for part in batch)
                 # uint8 values travel; the one-hot channels are made on the device.
                 labels = one_hot_labels(label_maps, self.plan.label_values).to(volumes.dtype)  # (B, K, X, Y, Z)
                 batch = torch.cat([volumes, labels], dim=1)  # (B, 1 + K, X, Y, Z)
-            return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format), codes
 
     # ------------------------------------------------------------------ one step
 
@@ -312,14 +343,17 @@ class Trainer:
         c = self.config
         return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
 
-    def run_discriminator(self, volumes: torch.Tensor, discriminator: nn.Module) -> torch.Tensor:
+    def run_discriminator(
+        self, volumes: torch.Tensor, discriminator: nn.Module, codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Everything D judges passes here, so every D call sees the same transforms: adaptive
         augmentation and DiffAugment's random, differentiable transforms (when configured), then packs of `model.pack` volumes
         stacked as channels (PacGAN), then `discriminator` (the handle of the half that calls).
 
         volumes (B, 1, X, Y, Z), or pairs (B, 1 + K, X, Y, Z) -> logits (B / pack,), float32 for the
         losses. The augmentations move a pair's label channels with its image and change only the
-        image's intensities (ada.py, diffaug.py).
+        image's intensities (ada.py, diffaug.py). `codes` (B, width), a conditional model's: each
+        volume's conditions, which no augmentation changes, packed as its volume is.
         """
         volumes = volumes.contiguous(memory_format=self.memory_format)
         if self.ada is not None:
@@ -331,31 +365,40 @@ class Trainer:
             batch, channels, *spatial = volumes.shape
             # A pack's volumes side by side, each with its own label channels.
             volumes = volumes.reshape(batch // pack, pack * channels, *spatial)  # (B / pack, pack · C, X, Y, Z)
-        return discriminator(volumes).float()  # (B / pack,)
+        if codes is None:
+            return discriminator(volumes).float()  # (B / pack,)
+        codes = codes.reshape(volumes.shape[0], pack, codes.shape[1])  # (B / pack, pack, width)
+        return discriminator(volumes, codes).float()  # (B / pack,)
 
     def update_discriminator(
-        self, real: torch.Tensor, fake: torch.Tensor | None = None, with_r1: bool = True
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor | None = None,
+        with_r1: bool = True,
+        codes: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One D update: real (B, C, X, Y, Z) called real, G's fakes called fake. `fake`, when
         given, is G's output of this step, detached here; otherwise G runs on fresh noise without
-        gradients. `with_r1`: whether this update carries the (lazy) R1 penalty."""
+        gradients. `with_r1`: whether this update carries the (lazy) R1 penalty. `codes` (B, width):
+        the real volumes' conditions, which the fakes are made at too, so D judges each condition's
+        real and fake volumes alike, and only realism given the condition separates them."""
         loss_config = self.config.loss
         discriminator = self.discriminator_in_d_step
         if fake is None:
             with torch.no_grad(), self._autocast():
-                fake = self.generator(self._noise(real.shape[0]))  # (B, C, X, Y, Z), C = 1 + K
+                fake = self._generate(self.generator, real.shape[0], codes)  # (B, C, X, Y, Z), C = 1 + K
         fake = fake.detach().float()  # no graph back to G
         r1 = loss_config.r1_gamma > 0 and with_r1
         if r1:
             # R1 differentiates D's output w.r.t. the whole input: the image and its label channels.
             real = real.detach().requires_grad_(True)
         with self._autocast():
-            real_logits = self.run_discriminator(real, discriminator)  # (B / pack,)
-            fake_logits = self.run_discriminator(fake, discriminator)  # (B / pack,)
+            real_logits = self.run_discriminator(real, discriminator, codes)  # (B / pack,)
+            fake_logits = self.run_discriminator(fake, discriminator, codes)  # (B / pack,)
         loss = discriminator_loss(loss_config.name, real_logits, fake_logits)
         extra: dict[str, float] = {}
         if loss_config.name == "wgan_gp":
-            penalty = gradient_penalty(lambda v: self.run_discriminator(v, discriminator), real.detach(), fake)
+            penalty = gradient_penalty(lambda v: self.run_discriminator(v, discriminator, codes), real.detach(), fake)
             loss = loss + loss_config.gp_weight * penalty
             extra["gradient_penalty"] = float(penalty.detach())
         if r1:
@@ -379,18 +422,23 @@ class Trainer:
             **extra,
         }
 
-    def generate_for_update(self, batch: int) -> torch.Tensor:
+    def _generate(self, generator: nn.Module, batch: int, codes: torch.Tensor | None) -> torch.Tensor:
+        """`generator` on fresh noise (at `codes`, for a conditional model): (B, 1 + K, X, Y, Z)."""
+        z = self._noise(batch)
+        return generator(z) if codes is None else generator(z, codes)
+
+    def generate_for_update(self, batch: int, codes: torch.Tensor | None = None) -> torch.Tensor:
         """G(z) on fresh noise with gradients, for G's update: (B, 1 + K, X, Y, Z)."""
         with self._autocast():
-            return self.generator_in_g_step(self._noise(batch))
+            return self._generate(self.generator_in_g_step, batch, codes)
 
-    def update_generator(self, fake: torch.Tensor) -> dict[str, float]:
+    def update_generator(self, fake: torch.Tensor, codes: torch.Tensor | None = None) -> dict[str, float]:
         """One G update on this step's fakes (with their graph back to G), with flipped labels:
-        make D call them real."""
+        make D call them real (at their conditions, `codes`)."""
         self.discriminator.requires_grad_(False)  # G's step needs gradients through D, not for D
         try:
             with self._autocast():
-                logits = self.run_discriminator(fake, self.discriminator_in_g_step)  # (B / pack,)
+                logits = self.run_discriminator(fake, self.discriminator_in_g_step, codes)  # (B / pack,)
             loss = generator_loss(self.config.loss.name, logits)
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
@@ -405,14 +453,14 @@ class Trainer:
         loss_config = self.config.loss
         shared = loss_config.share_fake and loss_config.d_steps_per_g == 1
         for i in range(loss_config.d_steps_per_g):
-            real = self._next_real()
+            real, codes = self._next_real()
             # Counted from the step, so a resumed run puts R1 on the same updates.
             with_r1 = (self.step * loss_config.d_steps_per_g + i) % loss_config.r1_interval == 0
-            fake = self.generate_for_update(real.shape[0]) if shared else None
-            record = self.update_discriminator(real, fake, with_r1=with_r1)
+            fake = self.generate_for_update(real.shape[0], codes) if shared else None
+            record = self.update_discriminator(real, fake, with_r1=with_r1, codes=codes)
         if not shared:
-            fake = self.generate_for_update(real.shape[0])
-        record.update(self.update_generator(fake))
+            fake = self.generate_for_update(real.shape[0], codes)
+        record.update(self.update_generator(fake, codes))
         update_ema(self.ema, self.generator, self.step, self.config.train.ema_decay)
         self.step += 1
         return record
@@ -483,6 +531,7 @@ class Trainer:
             self.device,
             seed=c.seed + 54321,
             batch_size=max(2, c.train.batch_size),
+            condition_codes=self.condition_codes,
         )
 
     def load_weights(self, payload: TrainingState) -> None:
@@ -511,7 +560,12 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         self._prepare_ema_for_use()
-        images, label_maps = split_pairs(self.ema(self.preview_noise).float(), self.plan.label_values)
+        made = (
+            self.ema(self.preview_noise)
+            if self.preview_codes is None
+            else self.ema(self.preview_noise, self.preview_codes)
+        )
+        images, label_maps = split_pairs(made.float(), self.plan.label_values)
         volumes = list(images.cpu().numpy())  # (X, Y, Z) each
         labels = list(label_maps.cpu().numpy()) if label_maps is not None else None  # label values, (X, Y, Z) each
         folder = self.run_dir / "previews"

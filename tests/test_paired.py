@@ -221,13 +221,13 @@ def test_every_discriminator_call_sees_image_and_labels(prepared, tmp_path):
     seen = []
 
     class Recording(Trainer):
-        def run_discriminator(self, volumes, discriminator):
+        def run_discriminator(self, volumes, discriminator, codes=None):
             updating_d = next(discriminator.parameters()).requires_grad  # D is frozen in the G step
             labels = volumes[:, 1:].detach()
             binary = bool(((labels == 0) | (labels == 1)).all())
             one_hot = binary and bool(torch.equal(labels.sum(1), torch.ones_like(labels[:, 0])))
             seen.append((tuple(volumes.shape), updating_d, one_hot, volumes.requires_grad))
-            return super().run_discriminator(volumes, discriminator)
+            return super().run_discriminator(volumes, discriminator, codes)
 
     assert prepared.plan.label_values == LABEL_VALUES
     config = tiny("loss.name=wgan_gp", "loss.r1_gamma=1", "model.pack=2", "augment.diff_augment=translation,cutout")
@@ -245,7 +245,7 @@ def test_the_loader_serves_pairs_whose_labels_are_the_cached_maps(prepared, tmp_
     paths, label_paths = [e.path for e in prepared.entries], [e.label_path for e in prepared.entries]
     config = tiny("augment.flip_axes=[]")
     trainer = Trainer(config, prepared.plan, paths, tmp_path, CPU, label_paths=label_paths)
-    real = trainer._next_real()
+    real, _ = trainer._next_real()
     assert real.shape == (2, 1 + K, 16, 16, 16)
     served = {np.load(p).tobytes(): np.load(q) for p, q in zip(paths, label_paths)}
     for pair in real:

@@ -255,10 +255,10 @@ def test_every_discriminator_call_goes_through_run_discriminator(prepared_phanto
     seen = []
 
     class Recording(Trainer):
-        def run_discriminator(self, volumes, discriminator):
+        def run_discriminator(self, volumes, discriminator, codes=None):
             updating_d = next(discriminator.parameters()).requires_grad  # D is frozen in the G step
             seen.append((tuple(volumes.shape), updating_d))
-            return super().run_discriminator(volumes, discriminator)
+            return super().run_discriminator(volumes, discriminator, codes)
 
     config = tiny("loss.name=wgan_gp", "loss.r1_gamma=1", "model.pack=2", "augment.diff_augment=translation")
     Recording(config, prepared_phantoms.plan, [e.path for e in prepared_phantoms.entries], tmp_path, CPU).train_step()
@@ -271,9 +271,9 @@ def test_lazy_r1_falls_on_every_nth_update_and_a_shared_fake_skips_a_g_forward(p
     forwards = []
 
     class Counting(Trainer):
-        def generate_for_update(self, batch):
+        def generate_for_update(self, batch, codes=None):
             forwards.append(self.step)
-            return super().generate_for_update(batch)
+            return super().generate_for_update(batch, codes)
 
     paths = [e.path for e in prepared_phantoms.entries]
     config = tiny("loss.r1_interval=2", "loss.share_fake=true")
@@ -284,9 +284,9 @@ def test_lazy_r1_falls_on_every_nth_update_and_a_shared_fake_skips_a_g_forward(p
     d_fakes = []
 
     class Watching(Trainer):
-        def update_discriminator(self, real, fake=None, with_r1=True):
+        def update_discriminator(self, real, fake=None, with_r1=True, codes=None):
             d_fakes.append(fake)
-            return super().update_discriminator(real, fake, with_r1)
+            return super().update_discriminator(real, fake, with_r1, codes)
 
     Watching(tiny(), prepared_phantoms.plan, paths, tmp_path / "b", CPU).train_step()
     assert d_fakes == [None]  # unshared (the default): D's fakes come from fresh noise without gradients
