@@ -292,13 +292,21 @@ def _training_session(settings) -> Iterator:
         "  medsynth sample runs/brains -n 100 -o synthetic/ --preview\n\n"
         "  medsynth sample runs/brains/checkpoints/last.pt -n 10000 -o synthetic/ --shard $SLURM_ARRAY_TASK_ID/16\n\n"
         "  medsynth sample runs/ct -n 20 -o synthetic-dicom/ --format dicom\n\n"
-        "  medsynth sample runs/hippo -n 200 -o ~/nnUNet_raw --format nnunet --dataset-id 901   # a labelled run"
+        "  medsynth sample runs/hippo -n 200 -o ~/nnUNet_raw --format nnunet --dataset-id 901   # a labelled run\n\n"
+        "  medsynth sample runs/ixi -n 20 -o women-72/ --condition Age=72 --condition Sex=F   # a conditional run\n\n"
+        "  medsynth sample runs/ixi -n 4 -o sweep/ --condition Age=20:80:4 --condition Sex=M   # each latent at 4 ages\n\n"
+        "  medsynth sample runs/ixi -o cohort/ --conditions-table cohort.csv   # one volume per row"
     )
 )
 def sample(
     source: Path = typer.Argument(..., help="A run folder (its checkpoints/last.pt) or a checkpoint file."),
-    count: int = typer.Option(
-        ..., "-n", "--count", min=1, help="How many volumes in the whole set (all shards together)."
+    count: int | None = typer.Option(
+        None,
+        "-n",
+        "--count",
+        min=1,
+        help="How many volumes in the whole set (all shards together); with a sweep, how many latents (each "
+        "made at every value); with --conditions-table, one per row if left out.",
     ),
     output: Path = typer.Option(
         ...,
@@ -341,6 +349,24 @@ def sample(
         False, "--force", help="Replace samples already in the folder instead of skipping them."
     ),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png: mid-slices of the first samples."),
+    condition: list[str] = typer.Option(
+        [],
+        "--condition",
+        help="A conditional model's condition, NAME=VALUE in the training table's units (Age=72, Sex=F), or a "
+        "sweep NAME=START:STOP:COUNT (Age=20:80:4: each latent at 20, 40, 60 and 80). Repeat for each condition.",
+    ),
+    conditions_table: Path | None = typer.Option(
+        None,
+        "--conditions-table",
+        help="CSV/TSV with one row per volume and a column per condition (a balanced cohort); --condition "
+        "fills any column it lacks.",
+        **EXISTING_FILE,
+    ),
+    allow_extrapolation: bool = typer.Option(
+        False,
+        "--allow-extrapolation",
+        help="Make volumes at numbers outside the range the model was trained on (refused otherwise), with a warning.",
+    ),
 ) -> None:
     """Write synthetic volumes in real units and real geometry, with a provenance sidecar each."""
     from medsynth import console
@@ -361,9 +387,14 @@ def sample(
         preview=preview,
         dataset_id=dataset_id,
         dataset_name=dataset_name,
+        conditions=tuple(condition),
+        conditions_table=conditions_table,
+        allow_extrapolation=allow_extrapolation,
     )
     with console.progress_reporter() as progress:
         summary = run_sampling(request, progress=progress)
+    for warning in summary["warnings"]:
+        console.warn(warning)
     where = summary["nnunet"]["folder"] if "nnunet" in summary else summary["out_dir"]
     manifest = os.path.relpath(summary["manifest"], where)
     message = f"{summary['written']} written, {summary['skipped']} already there, in {where} ({manifest})"

@@ -500,3 +500,184 @@ def check_against_plan(found: ScanConditions, plan_conditions: tuple[dict[str, A
             new = sorted(set(column.categories or ()) - set(planned[name].categories or ()))
             if new:
                 raise ConditionsError(f"{found.source}: {name} has class(es) {new} the plan does not know")
+
+
+# ---------------------------------------------------------------------------------------------
+# Asking for conditions at sampling time
+
+
+@dataclass(frozen=True)
+class SampleConditions:
+    """What each output file is made at: file j uses latent `latent_index[j]` (the noise of
+    (seed, latent_index[j])) and the conditions `values[j]`, in the table's units."""
+
+    values: list[dict[str, float | str]]
+    latent_index: list[int]
+    warnings: list[str] = field(default_factory=list)
+
+    def codes(self, plan_conditions: tuple[dict[str, Any], ...]) -> np.ndarray:
+        return condition_codes(plan_columns(plan_conditions), self.values)  # type: ignore[arg-type]
+
+
+def _describe(column: ConditionColumn) -> str:
+    if column.kind == CONTINUOUS:
+        return f"{column.name} (a number, trained on {column.minimum:g} to {column.maximum:g})"
+    return f"{column.name} ({', '.join(column.categories or ())})"
+
+
+def _column_named(name: str, columns: dict[str, ConditionColumn]) -> ConditionColumn:
+    if name in columns:
+        return columns[name]
+    folded = [c for n, c in columns.items() if n.lower() == name.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(columns), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConditionsError(
+        f"--condition {name}: the model has no condition {name!r}{hint}; it takes "
+        + "; ".join(_describe(c) for c in columns.values())
+    )
+
+
+def _value(
+    column: ConditionColumn, text: str, where: str, allow_extrapolation: bool, warnings: list[str]
+) -> float | str:
+    """One value in the table's units, checked against what the model was trained on."""
+    if column.kind == CATEGORICAL:
+        categories = column.categories or ()
+        if text in categories:
+            return text
+        folded = [c for c in categories if c.lower() == text.strip().lower()]
+        if len(folded) == 1:
+            return folded[0]
+        raise ConditionsError(
+            f"{where}: {column.name} = {text!r} is not a class the model knows ({', '.join(categories)})"
+        )
+    number = parse_number(text)
+    if number is None:
+        raise ConditionsError(f"{where}: {column.name} = {text!r} is not a number")
+    assert column.minimum is not None and column.maximum is not None
+    if not column.minimum <= number <= column.maximum:
+        message = (
+            f"{where}: {column.name} = {number:g} is outside the range the model was trained on "
+            f"({column.minimum:g} to {column.maximum:g})"
+        )
+        if not allow_extrapolation:
+            raise ConditionsError(message + "; give a value inside it, or --allow-extrapolation to make it anyway")
+        warnings.append(message + ": made anyway (--allow-extrapolation); a GAN's output there is a guess")
+    return number
+
+
+def _sweep(column: ConditionColumn, text: str, allow_extrapolation: bool, warnings: list[str]) -> list[float]:
+    """START:STOP:COUNT, COUNT evenly spaced values from START to STOP inclusive."""
+    parts = text.split(":")
+    where = f"--condition {column.name}={text}"
+    if column.kind != CONTINUOUS:
+        raise ConditionsError(
+            f"{where}: a sweep (START:STOP:COUNT) needs a continuous condition; {column.name} is categorical"
+        )
+    if len(parts) != 3 or parse_number(parts[0]) is None or parse_number(parts[1]) is None or not parts[2].isdigit():
+        raise ConditionsError(f"{where}: a sweep is START:STOP:COUNT, e.g. {column.name}=20:80:4")
+    count = int(parts[2])
+    if count < 2:
+        raise ConditionsError(f"{where}: a sweep needs a COUNT of at least 2")
+    start, stop = float(parts[0]), float(parts[1])
+    values = [float(v) for v in np.linspace(start, stop, count)]
+    for value in (start, stop):
+        _value(column, f"{value!r}", where, allow_extrapolation, warnings)
+    return values
+
+
+def sample_conditions(
+    plan_conditions: tuple[dict[str, Any], ...] | None,
+    given: list[str] | tuple[str, ...],
+    table: str | Path | None,
+    count: int | None,
+    allow_extrapolation: bool = False,
+) -> SampleConditions | None:
+    """The conditions of each file of a `sample` request, or None for an unconditional model
+    (with no condition asked for). Every condition the model takes must be given, by
+    `--condition NAME=VALUE` (the same for every file), `--condition NAME=START:STOP:COUNT` (a
+    sweep: each of the `count` latents at every value, so the same "person" at each) or a
+    `--conditions-table` (one file per row)."""
+    if not plan_conditions:
+        if given or table:
+            raise ConditionsError(
+                "this model was trained without conditions: --condition and --conditions-table do not apply"
+            )
+        if count is None:
+            raise ConditionsError("give -n, the number of volumes")
+        return None
+    columns = {c.name: c for c in plan_columns(plan_conditions)}
+    warnings: list[str] = []
+    fixed: dict[str, float | str] = {}
+    sweep: tuple[str, list[float]] | None = None
+    for entry in given:
+        name, sep, text = entry.partition("=")
+        if not sep or not name.strip():
+            raise ConditionsError(f"--condition {entry!r}: expected NAME=VALUE, e.g. Age=72 or Sex=F")
+        column = _column_named(name.strip(), columns)
+        if column.name in fixed or (sweep and sweep[0] == column.name):
+            raise ConditionsError(f"--condition {column.name} is given twice")
+        if ":" in text:
+            if sweep is not None:
+                raise ConditionsError(
+                    f"--condition {column.name}={text}: one sweep at a time ({sweep[0]} is swept already)"
+                )
+            sweep = (column.name, _sweep(column, text, allow_extrapolation, warnings))
+        else:
+            fixed[column.name] = _value(
+                column, text.strip(), f"--condition {column.name}", allow_extrapolation, warnings
+            )
+    if table is not None:
+        if sweep is not None:
+            raise ConditionsError("--conditions-table gives one file per row; a sweep goes without it")
+        rows = _table_rows(table, columns, fixed, allow_extrapolation, warnings)
+        if count is not None and count != len(rows):
+            raise ConditionsError(f"{table}: {len(rows)} rows, but -n {count}; leave out -n to make one volume per row")
+        return SampleConditions(rows, list(range(len(rows))), warnings)
+    missing = [c for n, c in columns.items() if n not in fixed and not (sweep and sweep[0] == n)]
+    if missing:
+        raise ConditionsError(
+            "this model is conditional: give "
+            + "; ".join(f"--condition {_describe(c)}" for c in missing)
+            + ", or --conditions-table with one row per volume"
+        )
+    if count is None:
+        raise ConditionsError("give -n, the number of volumes (latent vectors, with a sweep)")
+    if sweep is None:
+        return SampleConditions([dict(fixed) for _ in range(count)], list(range(count)), warnings)
+    name, values = sweep
+    files = [{**fixed, name: value} for _ in range(count) for value in values]
+    return SampleConditions(files, [i for i in range(count) for _ in values], warnings)
+
+
+def _table_rows(
+    path: str | Path,
+    columns: dict[str, ConditionColumn],
+    fixed: dict[str, float | str],
+    allow_extrapolation: bool,
+    warnings: list[str],
+) -> list[dict[str, float | str]]:
+    table = read_table(path)
+    named = {}
+    for header in table.columns:
+        try:
+            named[header] = _column_named(header, columns).name
+        except ConditionsError:
+            continue  # an ID or notes column: not a condition
+    missing = [c for n, c in columns.items() if n not in named.values() and n not in fixed]
+    if missing:
+        raise ConditionsError(f"{path}: no column for " + "; ".join(_describe(c) for c in missing))
+    rows = []
+    for number, row in enumerate(table.rows, start=2):
+        values: dict[str, float | str] = dict(fixed)
+        for header, name in named.items():
+            cell = row[table.columns.index(header)]
+            if is_missing(cell):
+                raise ConditionsError(f"{path}, line {number}: {name} is empty; every volume needs every condition")
+            values[name] = _value(columns[name], cell, f"{path}, line {number}", allow_extrapolation, warnings)
+        rows.append(values)
+    return rows

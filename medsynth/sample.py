@@ -24,6 +24,12 @@ format's sample 0) and dataset.json. The sidecars and manifest.json go in the da
 folder, which nnU-Net never looks into (it reads dataset.json, imagesTr and labelsTr), and name the
 case files relative to themselves (`../imagesTr/...`). Shards write into one dataset folder; the
 last one to complete the set checks it with `verify_nnunet_dataset`.
+
+A conditional model (its plan has conditions) makes each file at conditions the user gives, in the
+table's own units (`medsynth.conditions.sample_conditions`): file j uses the noise of latent
+`latent_index[j]` (j itself, except in a sweep, where every latent is made at every value) and
+its conditions, both recorded in its sidecar and the manifest; (seed, latent, conditions) fixes
+the voxels, whatever the shard or batch size.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
 from medsynth.checkpoint import generator_from_checkpoint, load_checkpoint, resolve_checkpoint_path
+from medsynth.conditions import sample_conditions
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, UsageError, WriteError
 from medsynth.io import Volume, cast_for_storage, file_sha256, write_dicom_series, write_nifti
@@ -82,19 +89,31 @@ def latent_for(seed: int, index: int, latent_dim: int, prior: str) -> torch.Tens
     return sample_latent(1, latent_dim, prior, generator, "cpu")[0]
 
 
+def _padded(chunk: torch.Tensor) -> torch.Tensor:
+    """A micro-batch padded with zero rows to MICROBATCH, so every forward pass has the same size."""
+    missing = MICROBATCH - chunk.shape[0]
+    return torch.cat([chunk, torch.zeros(missing, *chunk.shape[1:], dtype=chunk.dtype)]) if missing else chunk
+
+
 @torch.no_grad()
 def generate_pairs(
-    generator: torch.nn.Module, latents: torch.Tensor, device: torch.device, label_values: tuple[int, ...] | None
+    generator: torch.nn.Module,
+    latents: torch.Tensor,
+    device: torch.device,
+    label_values: tuple[int, ...] | None,
+    codes: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(N, latent_dim) -> (N, X, Y, Z) float32 in [-1, 1], and with a label set the label maps of the
-    same forward pass, (N, X, Y, Z) int64 label values (else None); in fixed micro-batches."""
+    same forward pass, (N, X, Y, Z) int64 label values (else None); in fixed micro-batches. A
+    conditional generator takes each latent's condition codes, `codes` (N, width)."""
     images, label_maps = [], []
     for start in range(0, latents.shape[0], MICROBATCH):
         chunk = latents[start : start + MICROBATCH]
         real_rows = chunk.shape[0]
-        if real_rows < MICROBATCH:  # pad, so that every forward pass has the same batch size
-            chunk = torch.cat([chunk, torch.zeros(MICROBATCH - real_rows, chunk.shape[1])])
-        volumes, labels = split_pairs(generator(chunk.to(device)).float()[:real_rows], label_values)  # (rows, X, Y, Z)
+        inputs = [_padded(chunk).to(device)]
+        if codes is not None:
+            inputs.append(_padded(codes[start : start + MICROBATCH]).to(device))
+        volumes, labels = split_pairs(generator(*inputs).float()[:real_rows], label_values)  # (rows, X, Y, Z)
         images.append(volumes.cpu().numpy())
         if labels is not None:
             label_maps.append(labels.cpu().numpy())
@@ -138,7 +157,7 @@ class Shard:
 @dataclass
 class SampleRequest:
     checkpoint: Path
-    count: int
+    count: int | None  # None: one volume per row of `conditions_table`
     out_dir: Path
     seed: int = 0
     batch_size: int = 8
@@ -151,6 +170,11 @@ class SampleRequest:
     # made from the run folder's, `default_dataset_name`).
     dataset_id: int | None = None
     dataset_name: str | None = None
+    # A conditional model's conditions (medsynth.conditions.sample_conditions): NAME=VALUE or
+    # NAME=START:STOP:COUNT words, and/or a table with one row per volume.
+    conditions: tuple[str, ...] = ()
+    conditions_table: Path | None = None
+    allow_extrapolation: bool = False
 
 
 def _prefix(file_format: str) -> str:
@@ -199,7 +223,7 @@ def _done(records_dir: Path, index: int, identity: dict[str, Any], file_format: 
     same = all(record.get(key) == value for key, value in identity.items())
     if not same:
         raise SampleError(
-            f"{records_dir} already holds sample {index} from another checkpoint, seed or format "
+            f"{records_dir} already holds sample {index} from another checkpoint, seed, format or conditions "
             f"({sidecar.name}); use --force to replace it, or another -o folder"
         )
     files = [record["file"], *([record["label_file"]] if record.get("label_file") else [])]
@@ -315,6 +339,7 @@ def write_manifest(out_dir: Path, prefix: str = "sample") -> Path:
                     **({"label_file": r["label_file"]} if r.get("label_file") else {}),
                     "seed": r["seed"],
                     "checkpoint_sha256": r["checkpoint_sha256"],
+                    **({"latent_index": r["latent_index"], "conditions": r["conditions"]} if "conditions" in r else {}),
                 }
                 for r in records
             ],
@@ -332,7 +357,7 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
     --format nnunet also "nnunet", see `_finish_nnunet`)."""
     if request.file_format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {request.file_format!r}")
-    if request.count < 1 or request.batch_size < 1:
+    if (request.count is not None and request.count < 1) or request.batch_size < 1:
         raise UsageError("-n and --batch-size must be at least 1")
     if request.out_dir.exists() and not request.out_dir.is_dir():
         raise UsageError(f"{request.out_dir}: is a file; -o needs a folder for the samples")
@@ -349,6 +374,10 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
             "segmentation from label maps), and this one was trained on images alone; train with --labels, "
             "or use --format nifti"
         )
+    asked = sample_conditions(
+        plan.conditions, request.conditions, request.conditions_table, request.count, request.allow_extrapolation
+    )
+    count = len(asked.values) if asked is not None else int(request.count)  # type: ignore[arg-type]
     config = config_from_dict(payload["config"])
     generator = generator_from_checkpoint(payload).to(request.device)
     latent_dim, prior = config.model.latent_dim, config.loss.latent_prior
@@ -398,8 +427,19 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         # nnU-Net needs classes 0, 1, 2...: the label files may hold renumbered values.
         sidecar_base["nnunet_dataset"] = nnunet_writer.folder.name
         sidecar_base["label_values_in_files"] = {str(k): v for k, v in nnunet_writer.label_mapping.items()}
-    wanted = request.shard.indices(request.count)
-    todo = [i for i in wanted if request.force or not _done(records_dir, i, identity, request.file_format)]
+    if asked is not None:
+        sidecar_base["conditions_scaling"] = list(plan.conditions or ())
+        all_codes = torch.from_numpy(asked.codes(plan.conditions))  # type: ignore[arg-type]  # (count, width)
+
+    def identity_of(index: int) -> dict[str, Any]:
+        """What fixes file `index`: the checkpoint, seed and format, and for a conditional model
+        its latent and its conditions: (seed, latent, conditions) fixes the voxels."""
+        if asked is None:
+            return identity
+        return {**identity, "latent_index": asked.latent_index[index], "conditions": asked.values[index]}
+
+    wanted = request.shard.indices(count)
+    todo = [i for i in wanted if request.force or not _done(records_dir, i, identity_of(i), request.file_format)]
     skipped = len(wanted) - len(todo)
 
     written: list[dict[str, Any]] = []
@@ -412,12 +452,16 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         pending: list[Future] = []
         for start in range(0, len(todo), request.batch_size):
             batch = todo[start : start + request.batch_size]
-            latents = torch.stack([latent_for(request.seed, i, latent_dim, prior) for i in batch])  # (B, latent_dim)
+            latent_index = [asked.latent_index[i] if asked is not None else i for i in batch]
+            latents = torch.stack(
+                [latent_for(request.seed, j, latent_dim, prior) for j in latent_index]
+            )  # (B, latent_dim)
+            codes = all_codes[batch] if asked is not None else None  # (B, width)
             # (B, X, Y, Z) each; label maps None without a label set
-            volumes, label_maps = generate_pairs(generator, latents, request.device, plan.label_values)
+            volumes, label_maps = generate_pairs(generator, latents, request.device, plan.label_values, codes)
             for row, (index, volume) in enumerate(zip(batch, volumes)):
                 label_map = label_maps[row] if label_maps is not None else None
-                sidecar = {**sidecar_base, "seed": sample_seed(request.seed, index)}
+                sidecar = {**sidecar_base, **identity_of(index), "seed": sample_seed(request.seed, latent_index[row])}
                 pending.append(
                     writers.submit(
                         _write_one, index, volume, label_map, plan, request, sidecar, records_dir, nnunet_writer
@@ -455,9 +499,10 @@ def run_sampling(request: SampleRequest, progress: Callable[[str, int, int], Non
         "preview": str(preview_path) if preview_path else None,
         "checkpoint": str(checkpoint_path),
         "step": int(payload["step"]),
+        "warnings": list(asked.warnings) if asked is not None else [],
     }
     if nnunet_writer is not None and nnunet_dataset is not None:
-        summary["nnunet"] = _finish_nnunet(nnunet_writer, request.count, nnunet_dataset[0])
+        summary["nnunet"] = _finish_nnunet(nnunet_writer, count, nnunet_dataset[0])
     return summary
 
 
