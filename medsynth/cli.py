@@ -545,6 +545,13 @@ def evaluate(
         min=1,
         help="Optimiser steps of each segmenter training, the same for every training set.",
     ),
+    conditions: Path | None = typer.Option(
+        None,
+        "--conditions",
+        help="The real scans' conditions table, for the conditional check (default: the --checkpoint run's table). "
+        "The check runs when the run is conditional, --train is given and the samples record their conditions.",
+        **EXISTING_FILE,
+    ),
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP, **EXISTING_FILE),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice (folds, permutations, bootstrap)."),
@@ -561,9 +568,15 @@ def evaluate(
     utility_request = _utility_request(
         utility, train_labels, real_labels, synthetic_labels, real_subsets, utility_steps, train_dir
     )
-    settings = _load_config(config, set_)
+    settings = _load_config(config, set_, conditions=conditions)
     _set_threads(threads)
-    plan = Plan.from_dict(load_checkpoint(checkpoint)["plan"]) if checkpoint else None
+    payload = load_checkpoint(checkpoint) if checkpoint else None
+    plan = Plan.from_dict(payload["plan"]) if payload else None
+    condition_settings = settings.conditions
+    if payload is not None and conditions is None:  # the run's own table and matching settings
+        from medsynth.config import config_from_dict
+
+        condition_settings = config_from_dict(payload["config"]).conditions
     with console.progress_reporter(enabled=not json_output or console.interactive()) as progress:
         report = run_evaluation(
             real,
@@ -576,6 +589,7 @@ def evaluate(
             progress=progress,
             on_message=console.info,
             utility=utility_request,
+            conditions=condition_settings,
         )
     if json_output:
         console.print_json(json.loads((output / "report.json").read_text()))

@@ -507,11 +507,6 @@ def prepare_dataset(
         else:  # a resumed run, or --plan: its scaling and classes stay
             check_against_plan(conditions, plan.conditions)
         codes = condition_codes(plan_columns(plan.conditions), conditions.values)
-    elif plan.conditions is not None:
-        raise PlanError(
-            f"the plan has conditions ({', '.join(c['name'] for c in plan.conditions)}) but none were given: "
-            "give --conditions TABLE (or --class-folders), or a plan made without them"
-        )
     prepared = PreparedDataset(
         root=str(root),
         plan=plan,

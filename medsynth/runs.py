@@ -217,6 +217,12 @@ def train_run(
                 f"the plan has a label set {list(prepared.plan.label_values)} (a paired model) but {scan_dir} brought "
                 "no label maps: give --labels, or a plan made without them"
             )
+        if prepared.plan.conditions and prepared.condition_codes is None:
+            names = ", ".join(c["name"] for c in prepared.plan.conditions)
+            raise RunRefused(
+                f"the plan has conditions ({names}) but none were given: give --conditions TABLE (or "
+                "--class-folders), or a plan made without them"
+            )
         n_before = resume.get("fingerprint", {}).get("n_volumes") if resume else None
         if n_before not in (None, len(prepared.entries)):
             say(f"warning: the data changed since the run started ({n_before} -> {len(prepared.entries)} volumes)")

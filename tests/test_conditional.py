@@ -251,3 +251,119 @@ def tiny_yaml() -> Path:
     from helpers import CONFIGS
 
     return CONFIGS / "tiny.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: the conditional check
+
+
+def balls(sizes, groups, seed=0) -> torch.Tensor:
+    """(N, 1, 16, 16, 16) volumes in [-1, 1]: a ball of radius size/100, brighter for group B."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 16)] * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(axis=0))
+    volumes = []
+    for size, group in zip(sizes, groups):
+        inside = radius < size / 100.0
+        level = 0.8 if group == "B" else 0.1
+        volume = np.where(inside, level, -1.0) + 0.05 * rng.standard_normal(radius.shape)
+        volumes.append(volume.astype(np.float32))
+    return torch.from_numpy(np.stack(volumes))[:, None]
+
+
+def test_the_conditional_check_tells_an_obeyed_condition_from_an_ignored_one():
+    from medsynth.conditions import CATEGORICAL, CONTINUOUS, ConditionColumn
+    from medsynth.evaluate.conditional import ConditionedSet, PredictorRecipe, conditional_check
+
+    rng = np.random.default_rng(0)
+
+    def make(n, seed):
+        sizes = rng.uniform(30, 90, n).round(1)
+        groups = rng.choice(["A", "B"], n)
+        values = [{"size": float(s), "group": str(g)} for s, g in zip(sizes, groups)]
+        return ConditionedSet(balls(sizes, groups, seed), values)
+
+    train, held_out, obeyed = make(48, 1), make(24, 2), make(24, 3)
+    # A generator that ignores the condition: right volumes, labelled with other conditions.
+    ignored = ConditionedSet(obeyed.volumes, list(reversed(obeyed.values)))
+    sizes = np.array([v["size"] for v in train.values])
+    columns = (
+        ConditionColumn(
+            "size", CONTINUOUS, mean=float(sizes.mean()), std=float(sizes.std()), minimum=30.0, maximum=90.0
+        ),
+        ConditionColumn("group", CATEGORICAL, categories=("A", "B")),
+    )
+    recipe = PredictorRecipe(channels=8, epochs=80)
+    good = conditional_check(columns, train, held_out, obeyed, seed=0, recipe=recipe)
+    bad = conditional_check(columns, train, held_out, ignored, seed=0, recipe=recipe)
+    assert good["ceiling"]["size"]["pearson_r"]["value"] > 0.9  # the size is plain to see
+    assert good["ceiling"]["group"]["accuracy"]["value"] > 0.9
+    assert good["agreement"]["size"]["mae"]["value"] < 0.5 * good["agreement"]["size"]["baseline_mae"]
+    assert good["agreement"]["group"]["accuracy"]["value"] > 0.9
+    assert bad["agreement"]["size"]["pearson_r"]["value"] < 0.5
+    assert bad["agreement"]["size"]["mae"]["value"] > 2 * good["agreement"]["size"]["mae"]["value"]
+    assert good["reverse"]["size"]["pearson_r"]["value"] > 0.9  # trained on the "synthetic" set, tested on real
+    assert "size: read back from synthetic volumes with MAE" in good["sentence"]
+
+
+def test_evaluate_runs_the_conditional_check_for_a_conditional_run(run_cli, conditional_run, conditioned, tmp_path):
+    scans, _ = conditioned
+    run_cli(
+        "sample",
+        conditional_run,
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "s",
+        "--condition",
+        "size=40:65:3",
+        "--condition",
+        "group=A",
+    )
+    from dataclasses import replace
+
+    from test_evaluate import QUICK_UNTRAINED
+
+    from medsynth.checkpoint import load_checkpoint
+    from medsynth.config import config_from_dict
+    from medsynth.evaluate import run_evaluation
+    from medsynth.plan import Plan
+
+    payload = load_checkpoint(conditional_run)
+    report = run_evaluation(
+        scans,
+        tmp_path / "s",
+        tmp_path / "report",
+        tiny(),
+        train_dir=scans,
+        plan=Plan.from_dict(payload["plan"]),
+        budget=replace(QUICK_UNTRAINED, conditional_epochs=2),
+        conditions=config_from_dict(payload["config"]).conditions,  # the run's own table, as the CLI passes it
+    )
+    assert set(report["conditional"]) >= {"ceiling", "agreement", "reverse", "sentence"}
+    assert report["conditional"]["n"] == {"train_real": 8, "held_out_real": 8, "synthetic": 6}
+    assert any(line.startswith("Conditions:") for line in report["verdict"])
+    # Samples that do not record their conditions: the check is skipped, with the reason.
+    run_cli(
+        "sample",
+        conditional_run,
+        "-n",
+        "2",
+        "-o",
+        tmp_path / "plain",
+        "--condition",
+        "size=50",
+        "--condition",
+        "group=A",
+    )
+    (tmp_path / "plain" / "manifest.json").unlink()
+    skipped = run_evaluation(
+        scans,
+        tmp_path / "plain",
+        tmp_path / "r2",
+        tiny(),
+        train_dir=scans,
+        plan=Plan.from_dict(payload["plan"]),
+        budget=QUICK_UNTRAINED,
+    )
+    assert "conditional" not in skipped and any("conditional check skipped" in w for w in skipped["warnings"])

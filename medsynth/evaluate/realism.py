@@ -27,7 +27,9 @@ from medsynth.evaluate.stats import (
 )
 
 
-def _classifier(channels: int = 8) -> nn.Module:
+def small_3d_cnn(outputs: int = 1, channels: int = 8) -> nn.Module:
+    """Three strided 3³ convolutions, global average pooling and a linear layer: (N, 1, x, y, z) ->
+    (N, outputs). The C2ST classifier, and the conditional check's predictor (evaluate/conditional.py)."""
     return nn.Sequential(
         nn.Conv3d(1, channels, 3, stride=2, padding=1),
         nn.LeakyReLU(0.2),
@@ -37,7 +39,7 @@ def _classifier(channels: int = 8) -> nn.Module:
         nn.LeakyReLU(0.2),
         nn.AdaptiveAvgPool3d(1),
         nn.Flatten(),
-        nn.Linear(4 * channels, 1),
+        nn.Linear(4 * channels, outputs),
     )
 
 
@@ -63,7 +65,7 @@ def classifier_two_sample_test(
         train_index = np.flatnonzero(assignment != fold)
         test_index = np.flatnonzero(assignment == fold)
         torch.manual_seed(seed + fold)
-        model = _classifier()
+        model = small_3d_cnn()
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_function = nn.BCEWithLogitsLoss()
         for _ in range(epochs):

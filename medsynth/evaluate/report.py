@@ -13,7 +13,7 @@ import numpy as np
 
 from medsynth import __version__
 from medsynth.atomic import atomic_write_json
-from medsynth.config import Config, with_labels_dir
+from medsynth.config import ConditionsConfig, Config, with_labels_dir
 from medsynth.errors import UsageError
 from medsynth.pipeline import prepare_dataset
 from medsynth.plan import Plan, make_plan
@@ -49,6 +49,8 @@ class EvaluationBudget:
       data-copying z. Fewer draws leave the interval's ends noisier, not narrower.
     * `diversity_max_pairs`: pairs of volumes per set whose MS-SSIM is computed (all of them when
       there are fewer): fewer pairs, a noisier mean and a wider interval.
+    * `conditional_epochs`: epochs of each of the conditional check's two predictor trainings;
+      fewer read the conditions back less well from real and synthetic volumes alike.
     """
 
     c2st_folds: int = 5
@@ -60,6 +62,7 @@ class EvaluationBudget:
     diversity_max_pairs: int = 300
     diversity_interval_resamples: int = 1000
     copying_interval_resamples: int = 500
+    conditional_epochs: int = 60
 
     def __post_init__(self) -> None:
         # The C2ST would quietly use two folds instead: refuse, rather than record a budget that was not spent.
@@ -96,14 +99,16 @@ def run_evaluation(
     on_message: Callable[[str], None] | None = None,
     budget: EvaluationBudget | None = None,
     utility: UtilityRequest | None = None,
+    conditions: ConditionsConfig | None = None,
 ) -> dict[str, Any]:
     """Compute every metric within `budget` (the default one when None), write report.json and the
     figures to `out_dir`, return the report. With `utility`, also the segmentation utility check,
     which needs `train_dir` and label maps for every set; its inputs are checked before anything
-    is computed."""
+    is computed. With a conditional plan, `conditions` (its table) and `train_dir`, also the
+    conditional check (evaluate/conditional.py)."""
     import torch
 
-    from medsynth.evaluate import figures, memorisation, realism
+    from medsynth.evaluate import conditional, figures, memorisation, realism
     from medsynth.evaluate.similarity import downsample
     from medsynth.pipeline import fingerprint_folder
 
@@ -143,6 +148,9 @@ def run_evaluation(
     if train_dir is not None:
         train, train_names = _load(Path(train_dir), train_config, plan, progress)
     warnings: list[str] = []
+    conditional_inputs = _conditional_inputs(
+        plan, conditions, Path(synthetic_dir), synthetic_names, real_names, train_names, warnings
+    )
     sizes = {"real": len(real), "synthetic": len(synthetic), **({"train": len(train)} if train is not None else {})}
     for name, count in sizes.items():
         if count < SMALL_SET:
@@ -252,9 +260,55 @@ def run_evaluation(
     if utility_sets is not None:
         report["utility"] = utility_check.segmentation_utility(utility_sets, utility, seed, on_message=say)
         warnings.extend(report["utility"]["warnings"])
+    if conditional_inputs is not None:
+        from medsynth.conditions import plan_columns
+
+        columns = plan_columns(plan.conditions)  # type: ignore[arg-type]
+        train_values, real_values, synthetic_values = conditional_inputs
+        report["conditional"] = conditional.conditional_check(
+            columns,
+            conditional.ConditionedSet(downsample(train, 32), train_values),  # type: ignore[arg-type]
+            conditional.ConditionedSet(real_32, real_values),
+            conditional.ConditionedSet(synthetic_32, synthetic_values),
+            seed,
+            recipe=conditional.PredictorRecipe(epochs=budget.conditional_epochs),
+            on_message=say,
+        )
     report["verdict"] = verdict(report)
     atomic_write_json(out_dir / "report.json", _plain(report))
     return report
+
+
+def _conditional_inputs(plan, settings, synthetic_dir, synthetic_names, real_names, train_names, warnings):
+    """The conditions of the training, held-out and synthetic volumes when the conditional check
+    can run (a conditional plan, its table, --train, samples with conditions), else None, with a
+    warning saying what is missing. A table given explicitly (`settings.table`) must be usable."""
+    from medsynth.evaluate import conditional
+
+    if not plan.conditions:
+        if settings is not None and settings.table:
+            raise UsageError(
+                "--conditions: the plan (--checkpoint) has no conditions; give a conditional run's checkpoint"
+            )
+        return None
+    synthetic_values = conditional.synthetic_conditions(synthetic_dir, synthetic_names)
+    missing = [
+        what
+        for what, absent in (
+            ("--train (the predictor's real training scans)", train_names is None),
+            ("the real scans' table (--conditions, or the run's conditions.table)", not (settings and settings.table)),
+            ("synthetic volumes with conditions in their manifest.json", synthetic_values is None),
+        )
+        if absent
+    ]
+    if missing:
+        warnings.append("conditional check skipped: it needs " + "; ".join(missing))
+        return None
+    return (
+        conditional.real_conditions(settings, plan.conditions, train_names),
+        conditional.real_conditions(settings, plan.conditions, real_names),
+        synthetic_values,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -324,6 +378,8 @@ def verdict(report: dict[str, Any]) -> list[str]:
         lines.append("Privacy: not audited; pass --train with the training volumes to check for copies.")
     if "utility" in report:
         lines.append(report["utility"]["sentence"])
+    if "conditional" in report:
+        lines.append(report["conditional"]["sentence"])
     return lines
 
 
@@ -402,4 +458,8 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         from medsynth.evaluate.utility import summary_rows as utility_rows
 
         rows.extend(utility_rows(report["utility"]))
+    if "conditional" in report:
+        from medsynth.evaluate.conditional import summary_rows as conditional_rows
+
+        rows.extend(conditional_rows(report["conditional"]))
     return rows
