@@ -659,7 +659,7 @@ def _flops(gflops: float) -> str:
 def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     from medsynth import console
     from medsynth.distributed import Runtime, resolve_device
-    from medsynth.pipeline import fingerprint_folder, plan_with_labels
+    from medsynth.pipeline import fingerprint_folder, plan_with_conditions, plan_with_labels
     from medsynth.plan import format_triple, make_plan
     from medsynth.precision import bf16_time_ratio, choose_precision, cpu_description, native_bf16
     from medsynth.runs import describe_models, time_training_step
@@ -667,6 +667,7 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     with console.progress_reporter() as progress:
         found = fingerprint_folder(scan_dir, settings, progress=progress)
     plan = plan_with_labels(plan or make_plan(found.fingerprint, settings.plan), found)  # sizes the paired model
+    plan, _ = plan_with_conditions(plan, [source.name for source in found.sources], settings)  # and a conditional one
     sizes = describe_models(settings, plan)
     device = resolve_device(settings.train.device)
     machine = cpu_description() if device.type == "cpu" else str(device)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth import console
-from medsynth.conditions import CONTINUOUS, conditions_report, scan_conditions
+from medsynth.conditions import CONTINUOUS, conditions_report
 from medsynth.config import Config
 from medsynth.io import Skipped, Source
 from medsynth.io.labels import PairingError
@@ -16,6 +16,7 @@ from medsynth.pipeline import (
     NoUsableSources,
     Progress,
     fingerprint_folder,
+    plan_with_conditions,
     plan_with_labels,
     unlabeled_images,
 )
@@ -91,10 +92,10 @@ def inspect_folder(
     if found.labelled is not None:
         report["labels"] = _label_report(found, config, verdict)
     names = [source.name for source in planned.sources]
-    conditions = scan_conditions(config.conditions, names)
+    plan, conditions = plan_with_conditions(plan, names, config)
     if conditions is not None:
         report["conditions"] = conditions_report(conditions, names)
-        report["plan"] = plan.with_conditions([c.to_dict() for c in conditions.columns]).to_dict()
+        report["plan"] = plan.to_dict()
     return report
 
 

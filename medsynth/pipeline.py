@@ -400,6 +400,19 @@ def unlabeled_images(found: Fingerprinted, config: Config) -> Fingerprinted:
     )
 
 
+def plan_with_conditions(plan: Plan, scan_names: list[str], config: Config) -> tuple[Plan, ScanConditions | None]:
+    """`plan` with the conditions of these scans (`config.conditions`), and the conditions; the plan
+    unchanged and None without any. A plan that already has conditions (from a checkpoint, or
+    `--plan`) keeps its scaling and classes, as long as the table fits them."""
+    conditions = scan_conditions(config.conditions, scan_names)
+    if conditions is None:
+        return plan, None
+    if plan.conditions is None:
+        return plan.with_conditions([column.to_dict() for column in conditions.columns]), conditions
+    check_against_plan(conditions, plan.conditions)
+    return plan, conditions
+
+
 def plan_with_labels(plan: Plan, found: Fingerprinted) -> Plan:
     """`plan` with the label set of `found`'s label maps. A plan that already has one (from a
     checkpoint, or `--plan`) keeps it, as long as every value found is in it."""
@@ -499,14 +512,10 @@ def prepare_dataset(
         raise PlanError(f"{root}: no volume could be preprocessed")
     if plan.output_affine is None:
         plan = plan.placed_at([entry.affine for entry in ready])
-    conditions = scan_conditions(config.conditions, [entry.name for entry in ready])
-    codes = None
-    if conditions is not None:
-        if plan.conditions is None:
-            plan = plan.with_conditions([column.to_dict() for column in conditions.columns])
-        else:  # a resumed run, or --plan: its scaling and classes stay
-            check_against_plan(conditions, plan.conditions)
-        codes = condition_codes(plan_columns(plan.conditions), conditions.values)
+    plan, conditions = plan_with_conditions(plan, [entry.name for entry in ready], config)
+    codes = (
+        condition_codes(plan_columns(plan.conditions), conditions.values) if conditions and plan.conditions else None
+    )
     prepared = PreparedDataset(
         root=str(root),
         plan=plan,
