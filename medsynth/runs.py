@@ -281,6 +281,7 @@ def train_run(
         f"training on {len(prepared.entries)} volumes of {format_triple(prepared.plan.target_shape, 0)} "
         f"at {prepared.plan.spacing[0]:g} mm"
         + (f" with {_label_set_words(prepared.plan.label_values)}" if prepared.plan.label_values else "")
+        + (f", conditioned on {_conditions_words(prepared)}" if prepared.conditions is not None else "")
         + f", {runtime.world_size} process(es) on {runtime.device}, {trainer.precision.reason}"
     )
     if trainer.precision.warning and runtime.is_main:
@@ -289,6 +290,17 @@ def train_run(
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
     )
+
+
+def _conditions_words(prepared) -> str:
+    """How a run's conditions read in a message: "Age (continuous), Sex (F, M); 4 volumes with a
+    condition unknown"."""
+    columns = [
+        f"{c['name']} ({'continuous' if c['kind'] == 'continuous' else ', '.join(c['categories'])})"
+        for c in prepared.plan.conditions
+    ]
+    unknown = sum(any(v is None for v in row.values()) for row in prepared.conditions.values)
+    return ", ".join(columns) + (f"; {unknown} volume(s) with a condition unknown" if unknown else "")
 
 
 def _label_set_words(label_values) -> str:
