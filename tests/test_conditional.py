@@ -46,9 +46,10 @@ def with_table(table: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def conditional_run(conditioned, tmp_path_factory) -> Path:
     scans, table = conditioned
-    run = tmp_path_factory.mktemp("run") / "run"
-    train_run(scans, run, with_table(table, "train.max_steps=4"), CPU)
-    return run
+    root = tmp_path_factory.mktemp("run")
+    # Module-scoped, so before the per-test cache isolation: its own cache, never the user's.
+    train_run(scans, root / "run", with_table(table, "train.max_steps=4", f"cache.dir={root / 'cache'}"), CPU)
+    return root / "run"
 
 
 def test_without_conditions_the_networks_are_unchanged_and_with_them_only_the_inputs_grow():
