@@ -312,6 +312,15 @@ class Generator3d(nn.Module):
         # One layer makes the image and its class logits from the same features, so they agree.
         self.to_volume = upsampling(config.upsample, channels[0], 1 + label_classes, bias=True)
         initialise_dcgan(self)
+        if self.condition is not None:
+            # The condition joins z at z's own scale. With the DCGAN N(0, 0.02) init the two-layer
+            # MLP of a continuous condition starts 1000x smaller than z and learns from a gradient
+            # that is a product of two tiny weights: on IXI (3000 steps) G then ignored age
+            # entirely while it followed sex (a one-layer table). PyTorch's own initialisation
+            # (Kaiming-uniform layers, N(0, 1) tables) starts it as large as z.
+            for layer in self.condition.modules():
+                if isinstance(layer, (nn.Linear, nn.Embedding)):
+                    layer.reset_parameters()
         for module in self.modules():
             if isinstance(module, PixelShuffleUp3d):
                 module.initialise_icnr()

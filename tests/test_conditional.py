@@ -368,3 +368,13 @@ def test_evaluate_runs_the_conditional_check_for_a_conditional_run(run_cli, cond
         budget=QUICK_UNTRAINED,
     )
     assert "conditional" not in skipped and any("conditional check skipped" in w for w in skipped["warnings"])
+
+
+def test_the_generators_condition_embedding_starts_at_the_scale_of_z():
+    """A condition that starts 1000x smaller than z is learnt too slowly to matter (IXI's age was
+    ignored that way); the embedding joined to z starts with a spread comparable to z's."""
+    config = tiny("model.latent_dim=128").model
+    generator, _ = build_models(config, (16, 16, 16), conditions=ConditionSpec(continuous=1, categories=(2,)))
+    codes = torch.stack([torch.linspace(-2, 2, 64), torch.ones(64), torch.randint(1, 3, (64,)).float()], dim=1)
+    embedded = generator.condition(codes)  # (64, CONDITION_EMBEDDING)
+    assert embedded.std() > 0.2
