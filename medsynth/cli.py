@@ -294,7 +294,7 @@ def _training_session(settings) -> Iterator:
         "  medsynth sample runs/ct -n 20 -o synthetic-dicom/ --format dicom\n\n"
         "  medsynth sample runs/hippo -n 200 -o ~/nnUNet_raw --format nnunet --dataset-id 901   # a labelled run\n\n"
         "  medsynth sample runs/ixi -n 20 -o women-72/ --condition Age=72 --condition Sex=F   # a conditional run\n\n"
-        "  medsynth sample runs/ixi -n 4 -o sweep/ --condition Age=20:80:4 --condition Sex=M   # each latent at 4 ages\n\n"
+        "  medsynth sample runs/ixi -n 4 -o sweep/ --condition Age=25:75:3 --condition Sex=M   # each latent at 3 ages\n\n"
         "  medsynth sample runs/ixi -o cohort/ --conditions-table cohort.csv   # one volume per row"
     )
 )
@@ -353,7 +353,7 @@ def sample(
         [],
         "--condition",
         help="A conditional model's condition, NAME=VALUE in the training table's units (Age=72, Sex=F), or a "
-        "sweep NAME=START:STOP:COUNT (Age=20:80:4: each latent at 20, 40, 60 and 80). Repeat for each condition.",
+        "sweep NAME=START:STOP:COUNT (Age=25:75:3: each latent at 25, 50 and 75). Repeat for each condition.",
     ),
     conditions_table: Path | None = typer.Option(
         None,
