@@ -186,7 +186,7 @@ def test_force_semantics(run_cli, ct_run, tmp_path):
     sample(run_cli, ct_run, out, "-n", 2, "--seed", 1)
     first = voxels(out)
     code, stderr = sample(run_cli, ct_run, out, "-n", 2, "--seed", 2)
-    assert code == 1 and "another checkpoint, seed or format" in stderr and "--force" in stderr
+    assert code == 1 and "another checkpoint, seed, format or conditions" in stderr and "--force" in stderr
     np.testing.assert_array_equal(
         voxels(out)["sample_00000.nii.gz"], first["sample_00000.nii.gz"]
     )  # nothing overwritten

@@ -154,7 +154,7 @@ def test_a_rerun_skips_finished_cases_and_completes_the_rest(run_cli, paired_run
     assert kept.stat().st_mtime_ns != before
 
     code, output = sample(run_cli, paired_run, out, "-n", 4, "--format", "nnunet", "--seed", 9)
-    assert code == 1 and "another checkpoint, seed or format" in output and "--force" in output
+    assert code == 1 and "another checkpoint, seed, format or conditions" in output and "--force" in output
 
 
 def test_a_dataset_nnunet_would_refuse_is_reported_one_line_a_problem(run_cli, paired_run, tmp_path):
