@@ -42,6 +42,7 @@ from medsynth.conditions import (
     ConditionColumn,
     ConditionsError,
     check_against_plan,
+    encode,
     scan_conditions,
 )
 from medsynth.config import ConditionsConfig
@@ -68,19 +69,10 @@ class ConditionedSet:
 
 
 def _targets(columns: tuple[ConditionColumn, ...], values: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, c) standardised continuous targets (NaN where missing) and (N, k) class indices (-1 where missing)."""
-    continuous = [c for c in columns if c.kind == CONTINUOUS]
-    categorical = [c for c in columns if c.kind == CATEGORICAL]
-    numbers = torch.full((len(values), len(continuous)), float("nan"))
-    classes = torch.full((len(values), len(categorical)), -1, dtype=torch.long)
-    for i, row in enumerate(values):
-        for j, column in enumerate(continuous):
-            if row.get(column.name) is not None:
-                numbers[i, j] = column.standardise(float(row[column.name]))
-        for j, column in enumerate(categorical):
-            if row.get(column.name) is not None:
-                classes[i, j] = (column.categories or ()).index(str(row[column.name]))
-    return numbers, classes
+    """(N, c) standardised continuous targets (NaN where missing) and (N, k) class indices (-1 where
+    missing): the model's own encoding (`conditions.encode`), with missing values marked for the losses."""
+    numbers, present, classes = encode(columns, values)
+    return torch.from_numpy(np.where(present, numbers, np.nan)), torch.from_numpy(classes - 1)
 
 
 def train_predictor(
