@@ -260,6 +260,11 @@ class ModelConfig:
     # Resize is the default: on IXI at 1000 steps it beat transposed on every figure of the quality
     # benchmark, by more than the intervals (C2ST 0.735 against 0.971; docs/results.md).
     upsample: Literal["transposed", "resize", "trilinear", "pixel_shuffle"] = "resize"
+    # Where a conditional generator takes its condition (a run with conditions only). "input": an
+    # embedding joined to z (Mirza & Osindero 2014). "batchnorm": conditional BatchNorm, the
+    # embedding setting the gain and bias of every generator BatchNorm (de Vries et al. 2017, as
+    # in BigGAN), so the condition reaches every scale. Measured on IXI (docs/results.md).
+    condition_generator: Literal["input", "batchnorm"] = "input"
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:
@@ -309,7 +314,14 @@ class TrainConfig:
     """Optimisation and the operational behaviour of a training run."""
 
     max_steps: int = 5000  # generator updates
-    batch_size: int = 8  # per process: m real volumes and m noise samples per update
+    # Per process: m real volumes and m noise samples per update. "auto": the largest multiple of
+    # model.pack (doubling, at most 64) that a measured step says fits this device's memory
+    # (medsynth.memory); the run records the number it chose, and resumes with it.
+    batch_size: int | Literal["auto"] = 8
+    # Before preprocessing, check that a training step fits in the device's memory (measured by
+    # one step in a child process where a cheap screen says it may not; medsynth.memory), and
+    # refuse with a batch size that fits if it does not.
+    check_memory: bool = True
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
     beta1: float = 0.5  # DCGAN: momentum 0.9 makes training oscillate
@@ -335,7 +347,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "log_every", "preview_every", "checkpoint_every", "d_win_steps")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr_generator <= 0 or self.lr_discriminator <= 0:
             raise ConfigError("train learning rates must be positive")
@@ -365,7 +377,7 @@ class Config:
     def __post_init__(self) -> None:
         # Rules that span sections, checked here so that a bad combination fails before any data
         # is read, with the settings named, rather than deep inside the first training step.
-        if self.train.batch_size % self.model.pack:
+        if self.train.batch_size != "auto" and self.train.batch_size % self.model.pack:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of model.pack ({self.model.pack}): "
                 "D judges packs of model.pack volumes"

@@ -13,9 +13,10 @@ the plan's `label_values[k]`), and D judges the pair, 1 + K channels per volume.
 networks are exactly the unlabeled ones: the same modules, parameter names and shapes.
 
 Conditional variants (`conditions`, a `ConditionSpec` from the plan's conditions): G joins z with
-an embedding of the condition codes (a cGAN's input conditioning, Mirza & Osindero 2014), and D
-is a projection discriminator (Miyato & Koyama 2018). Without conditions both networks are again
-exactly the unconditional ones.
+an embedding of the condition codes (a cGAN's input conditioning, Mirza & Osindero 2014), or with
+`model.condition_generator: batchnorm` lets the embedding set the gain and bias of each of its
+BatchNorms (conditional BatchNorm); D is a projection discriminator (Miyato & Koyama 2018).
+Without conditions both networks are again exactly the unconditional ones.
 """
 
 from __future__ import annotations
@@ -277,6 +278,26 @@ class ConditionEmbedding(nn.Module):
         return torch.stack(parts).sum(0)  # (B, dim)
 
 
+class ConditionalBatchNorm3d(nn.Module):
+    """BatchNorm whose gain and bias come from the condition (de Vries et al. 2017): x (B, C, ...)
+    and the condition embedding (B, dim) -> (B, C, ...). The projection starts at zero, so the
+    layer starts as a plain BatchNorm with gain 1 and bias 0 and learns how the condition moves it."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm3d(channels, affine=False)
+        self.gain_and_bias = nn.Linear(dim, 2 * channels)
+
+    def initialise(self) -> None:
+        nn.init.zeros_(self.gain_and_bias.weight)
+        nn.init.zeros_(self.gain_and_bias.bias)
+
+    def forward(self, x: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        gain, bias = self.gain_and_bias(embedded).to(x.dtype).chunk(2, dim=1)  # (B, C) each
+        shape = (*gain.shape, *(1,) * (x.dim() - 2))  # (B, C, 1, 1, 1)
+        return self.norm(x) * (1 + gain.view(shape)) + bias.view(shape)
+
+
 class Generator3d(nn.Module):
     """z (B, latent_dim) -> volume (B, 1, X, Y, Z) in [-1, 1]; paired (`label_classes` K > 0): the
     volume and its label map, (B, 1 + K, X, Y, Z), channels 1..K one-hot (`straight_through_one_hot`).
@@ -298,14 +319,23 @@ class Generator3d(nn.Module):
         self.base_shape = _base_shape(self.shape, stages)
         self.base_channels = channels[-1]
         self.condition = ConditionEmbedding(conditions, CONDITION_EMBEDDING) if conditions else None
-        inputs = config.latent_dim + (CONDITION_EMBEDDING if conditions else 0)
+        # The condition enters at the input (joined to z) or through every BatchNorm.
+        self.condition_at_input = bool(conditions) and config.condition_generator == "input"
+        conditional_norms = bool(conditions) and config.condition_generator == "batchnorm"
+
+        def norm(channels_out: int) -> nn.Module:
+            if conditional_norms:
+                return ConditionalBatchNorm3d(channels_out, CONDITION_EMBEDDING)
+            return nn.BatchNorm3d(channels_out)
+
+        inputs = config.latent_dim + (CONDITION_EMBEDDING if self.condition_at_input else 0)
         self.project = nn.Linear(inputs, channels[-1] * math.prod(self.base_shape), bias=False)
-        self.project_norm = nn.BatchNorm3d(channels[-1])
+        self.project_norm = norm(channels[-1])
         blocks: list[nn.Module] = []
         for i in range(stages - 1, 0, -1):
             blocks += [
                 upsampling(config.upsample, channels[i], channels[i - 1], bias=False),
-                nn.BatchNorm3d(channels[i - 1]),
+                norm(channels[i - 1]),
                 nn.ReLU(inplace=True),
             ]
         self.blocks = nn.Sequential(*blocks)
@@ -322,23 +352,34 @@ class Generator3d(nn.Module):
                 if isinstance(layer, (nn.Linear, nn.Embedding)):
                     layer.reset_parameters()
         for module in self.modules():
+            if isinstance(module, ConditionalBatchNorm3d):
+                module.initialise()
+        for module in self.modules():
             if isinstance(module, PixelShuffleUp3d):
                 module.initialise_icnr()
 
     def forward(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        embedded = None
         if self.condition is not None:
             if codes is None:
                 raise ValueError("a conditional generator needs condition codes")
-            z = torch.cat([z, self.condition(codes).to(z.dtype)], dim=1)  # (B, latent_dim + embedding)
+            embedded = self.condition(codes)  # (B, CONDITION_EMBEDDING)
+        if self.condition_at_input:
+            z = torch.cat([z, embedded.to(z.dtype)], dim=1)  # (B, latent_dim + embedding)
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
-        x = torch.relu(self.project_norm(x))
-        x = self.blocks(x)  # (B, base_channels, X/2, Y/2, Z/2)
+        x = torch.relu(self._norm(self.project_norm, x, embedded))
+        for layer in self.blocks:
+            x = self._norm(layer, x, embedded)  # ends (B, base_channels, X/2, Y/2, Z/2)
         if not self.label_classes:
             return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
         out = self.to_volume(x)  # (B, 1 + K, X, Y, Z): the image, then one logit per class
         image = torch.tanh(out[:, :1])  # (B, 1, X, Y, Z)
         probabilities = torch.softmax(out[:, 1:].float(), dim=1)  # (B, K, X, Y, Z), fp32 under autocast too
         return torch.cat([image, straight_through_one_hot(probabilities).to(image.dtype)], dim=1)  # (B, 1 + K, ...)
+
+    @staticmethod
+    def _norm(layer: nn.Module, x: torch.Tensor, embedded: torch.Tensor | None) -> torch.Tensor:
+        return layer(x, embedded) if isinstance(layer, ConditionalBatchNorm3d) else layer(x)
 
 
 class MinibatchStd(nn.Module):

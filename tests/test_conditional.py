@@ -378,3 +378,35 @@ def test_the_generators_condition_embedding_starts_at_the_scale_of_z():
     codes = torch.stack([torch.linspace(-2, 2, 64), torch.ones(64), torch.randint(1, 3, (64,)).float()], dim=1)
     embedded = generator.condition(codes)  # (64, CONDITION_EMBEDDING)
     assert embedded.std() > 0.2
+
+
+def test_conditional_batchnorm_starts_as_batchnorm_and_the_condition_then_moves_every_scale():
+    """`model.condition_generator=batchnorm`: z alone enters, and the condition sets each
+    BatchNorm's gain and bias. At initialisation that is a plain BatchNorm (gain 1, bias 0), so
+    the condition changes nothing until it is learnt; once learnt it changes the volume."""
+    from medsynth.models import ConditionalBatchNorm3d
+
+    config = tiny("model.condition_generator=batchnorm").model
+    generator, _ = build_models(config, (16, 16, 16), conditions=ConditionSpec(continuous=1, categories=(2,)))
+    norms = [m for m in generator.modules() if isinstance(m, ConditionalBatchNorm3d)]
+    assert len(norms) == 1 + sum(isinstance(m, ConditionalBatchNorm3d) for m in generator.blocks)
+    assert generator.project.in_features == config.latent_dim  # the condition is not joined to z
+    z = torch.randn(1, config.latent_dim).expand(2, -1)
+    codes = torch.tensor([[-1.0, 1.0, 1.0], [1.5, 1.0, 2.0]])  # two different conditions, the same z
+    generator.eval()
+    with torch.no_grad():
+        before = generator(z, codes)
+        assert torch.equal(before[0], before[1])
+        for norm in norms:
+            torch.nn.init.normal_(norm.gain_and_bias.weight, 0.0, 0.1)
+        after = generator(z, codes)
+    assert not torch.allclose(after[0], after[1], atol=1e-4)
+
+
+def test_conditional_batchnorm_resumes_bit_identically(conditioned, tmp_path):
+    scans, table = conditioned
+    common = ("model.condition_generator=batchnorm", "train.checkpoint_every=100", "train.preview_every=100")
+    train_run(scans, tmp_path / "whole", with_table(table, "train.max_steps=4", *common), CPU)
+    train_run(scans, tmp_path / "split", with_table(table, "train.max_steps=2", *common), CPU)
+    train_run(scans, tmp_path / "split", with_table(table, "train.max_steps=4", *common), CPU)
+    _assert_identical(_state(tmp_path / "whole"), _state(tmp_path / "split"))
