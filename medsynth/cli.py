@@ -212,8 +212,10 @@ def train(
     max_steps: int | None = typer.Option(
         None, "--max-steps", min=1, help="Generator updates to train to (train.max_steps)."
     ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Volumes per update per process (train.batch_size)."
+    batch_size: str | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Volumes per update per process (train.batch_size); auto: the largest that fits in memory, measured.",
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for everything (seed)."),
     dry_run: bool = typer.Option(
@@ -230,7 +232,7 @@ def train(
         k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "device": device}.items() if v is not None
     }
     if flags:
-        settings = replace(settings, train=replace(settings.train, **flags))
+        settings = _with_train_flags(settings, flags)
     if seed is not None:
         settings = replace(settings, seed=seed)
     plan = Plan.load(plan_file) if plan_file else None
@@ -260,6 +262,16 @@ def train(
             f"done: step {result.step}. Checkpoint {output / 'checkpoints' / 'last.pt'}, previews in {output / 'previews'}, "
             f"metrics in {output / 'metrics.jsonl'}"
         )
+
+
+def _with_train_flags(settings, flags: dict):
+    """`settings` with train options given as flags, checked as `--set train.KEY=VALUE` would be."""
+    from medsynth.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(settings)
+    for key, value in flags.items():
+        data["train"][key] = int(value) if key == "batch_size" and str(value).isdigit() else value
+    return config_from_dict(data)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -657,19 +669,26 @@ def _flops(gflops: float) -> str:
 
 
 def _dry_run(scan_dir: Path, settings, plan=None) -> None:
-    from medsynth import console
+    from medsynth import console, memory
     from medsynth.distributed import Runtime, resolve_device
     from medsynth.pipeline import fingerprint_folder, plan_with_conditions, plan_with_labels
     from medsynth.plan import format_triple, make_plan
     from medsynth.precision import bf16_time_ratio, choose_precision, cpu_description, native_bf16
-    from medsynth.runs import describe_models, time_training_step
+    from medsynth.runs import describe_models, time_training_step, with_batch_size
 
     with console.progress_reporter() as progress:
         found = fingerprint_folder(scan_dir, settings, progress=progress)
     plan = plan_with_labels(plan or make_plan(found.fingerprint, settings.plan), found)  # sizes the paired model
     plan, _ = plan_with_conditions(plan, [source.name for source in found.sources], settings)  # and a conditional one
-    sizes = describe_models(settings, plan)
     device = resolve_device(settings.train.device)
+    # Memory first, measured in child processes: a step that does not fit is never run here.
+    volumes = len(found.sources)
+    planned = memory.plan_memory(
+        settings, plan, str(device), memory.cache_bytes(plan, volumes), largest=memory.largest_useful_batch(volumes)
+    )
+    if planned.batch_size is not None:
+        settings = with_batch_size(settings, planned.batch_size)  # auto resolved
+    sizes = describe_models(settings, plan)
     machine = cpu_description() if device.type == "cpu" else str(device)
     rows = [
         ["volumes", f"{len(found.sources)} usable, {len(found.discovery.problems)} skipped"],
@@ -687,12 +706,14 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
             f"{_flops(sizes['gflops_per_step'])} at batch {sizes['batch_size']} (forward + backward)",
         ],
         ["device", f"{device}: {machine}"],
+        *_memory_rows(planned, settings),
     ]
     # One real step in each precision this device runs natively; emulated bf16 is never timed,
-    # since one step of it can take minutes: the small probe's ratio says enough.
+    # since one step of it can take minutes: the small probe's ratio says enough. A step that
+    # does not fit is not timed either.
     runtime = Runtime(device=device)
-    timed = {"fp32": time_training_step(settings, plan, runtime, "off")}
-    if native_bf16(device):
+    timed = {"fp32": time_training_step(settings, plan, runtime, "off")} if planned.fits else {}
+    if native_bf16(device) and planned.fits:
         timed["bf16"] = time_training_step(settings, plan, runtime, "bf16")
     for name, seconds in timed.items():
         rate = sizes["batch_size"] / seconds
@@ -712,6 +733,52 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     console.out.print(console.table("Dry run: nothing trained", ["", ""], rows, show_header=False))
     if choice.warning:
         console.warn(choice.warning)
+    if not planned.fits:
+        from medsynth.runs import RunRefused
+
+        raise RunRefused(memory.refusal(planned, settings))
+
+
+def _memory_rows(planned, settings) -> list[list[str]]:
+    """The dry run's memory lines: the measured (or predicted) peaks and what the device has."""
+    from medsynth.memory import SAFETY, describe_bytes
+
+    how = (
+        "measured"
+        if planned.measured
+        else "predicted from measured batches " + ", ".join(str(p.batch_size) for p in planned.probes)
+    )
+    batch = planned.batch_size or settings.model.pack
+    auto = " (train.batch_size auto)" if settings.train.batch_size == "auto" else ""
+    precision = "bf16" if planned.probes[0].amp == "bf16" else "fp32"
+    rows = [
+        [
+            "memory, a training step",
+            f"{describe_bytes(planned.peak_bytes)} at batch {batch}{auto}, {precision}, {how}"
+            + (" (peak resident memory, PyTorch included)" if planned.probes[0].device == "cpu" else ""),
+        ],
+        [
+            "memory, the run",
+            f"{describe_bytes(planned.peak_bytes + planned.cache_bytes)}: the step and "
+            f"{describe_bytes(planned.cache_bytes)} of cached volumes it memory-maps",
+        ],
+    ]
+    if planned.sample is not None:
+        rows.append(
+            [
+                "memory, sampling",
+                f"{describe_bytes(planned.sample.peak_bytes)} at {planned.sample.batch_size} volumes a batch (fp32), measured",
+            ]
+        )
+    rows.append(
+        [
+            "memory available",
+            f"{describe_bytes(planned.available_bytes)}; a run plans on {SAFETY:.0%}: {describe_bytes(planned.budget_bytes)}",
+        ]
+    )
+    largest = planned.largest_batch
+    rows.append(["largest batch that fits", str(largest) if largest else f"none (not even {settings.model.pack})"])
+    return rows
 
 
 def main() -> None:

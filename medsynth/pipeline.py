@@ -463,13 +463,18 @@ def prepare_dataset(
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
+    before_preprocessing: Callable[[Plan, int], None] | None = None,
 ) -> PreparedDataset:
     """Fingerprint, plan (unless `plan` is given, e.g. from a checkpoint), fill the cache, and place
     the plan (`Plan.placed_at`) where the preprocessed crops lie, if it is not placed yet. With
-    label maps, each entry carries its preprocessed label map, and the plan its label set."""
+    label maps, each entry carries its preprocessed label map, and the plan its label set.
+    `before_preprocessing(plan, volume count)` runs once the plan is known and before any volume
+    is preprocessed: where `train` checks that a step fits in memory."""
     cache = Path(cache_dir) if cache_dir else cache_dir_for(config)
     found = unlabeled_images(fingerprint_folder(root, config, cache, progress), config)
     plan = plan_with_labels(plan or make_plan(found.fingerprint, config.plan), found)
+    if before_preprocessing is not None:
+        before_preprocessing(plan, len(found.sources))
     skipped = list(found.skipped)
     entries: list[CacheEntry | None] = [None] * len(found.sources)
     todo = []

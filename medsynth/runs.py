@@ -13,6 +13,7 @@ changes what is learnt differs; otherwise it refuses unless `--force`, which sta
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from medsynth.train import EventCallback, StepCallback, Trainer
 # Settings that may change when a run is resumed: they do not change what is being learnt.
 RESUMABLE_CHANGES = {
     "train.max_steps",
+    "train.check_memory",
     "train.device",
     "train.amp",
     "train.compile",
@@ -124,6 +126,8 @@ def find_resume(run_dir: Path, config: Config, force: bool) -> tuple[dict[str, A
     except CheckpointError as exc:
         raise RunRefused(f"{exc}. Use --force to start this run over, or another -o folder") from None
     config = keeping_old_defaults(payload["config"], config)
+    if config.train.batch_size == "auto":  # the run keeps the batch size auto chose when it started
+        config = with_batch_size(config, payload["config"]["train"]["batch_size"])
     differences = config_differences(payload["config"], config)
     if differences:
         listed = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
@@ -208,10 +212,18 @@ def train_run(
             init_from = None
     initial = _initial_weights(init_from, config) if init_from is not None else None
 
+    # Whether a step fits in memory is settled before preprocessing (and `auto` resolved), so a
+    # run that cannot train stops before it spends anything.
+    fitted: list[Config] = []
+
+    def check_memory(planned: Plan, volumes: int) -> None:
+        fitted.append(fit_to_memory(config, planned, runtime, volumes, say))
+
     # The main process fills the cache and writes the run's records; the others then find the
     # cache warm and take the main process's plan, so every rank trains on the same volumes.
     if runtime.is_main:
-        prepared = prepare_dataset(scan_dir, config, progress=progress, plan=plan)
+        prepared = prepare_dataset(scan_dir, config, progress=progress, plan=plan, before_preprocessing=check_memory)
+        config = fitted[0] if fitted else config
         if prepared.plan.label_values and not prepared.labelled:
             raise RunRefused(
                 f"the plan has a label set {list(prepared.plan.label_values)} (a paired model) but {scan_dir} brought "
@@ -236,6 +248,10 @@ def train_run(
     if not runtime.is_main:
         prepared = prepare_dataset(scan_dir, config, plan=Plan.load(run_dir / "plan.json"))
         fingerprint = json.loads((run_dir / "fingerprint.json").read_text())
+        if config.train.batch_size == "auto":  # as the main process chose it
+            config = with_batch_size(
+                config, yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"]
+            )
 
     trainer = Trainer(
         config,
@@ -290,6 +306,50 @@ def train_run(
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)
     )
+
+
+def with_batch_size(config: Config, batch_size: int) -> Config:
+    from medsynth.config import replace
+
+    return replace(config, train=replace(config.train, batch_size=int(batch_size)))
+
+
+def fit_to_memory(config: Config, plan: Plan, runtime: Runtime, volumes: int, say=lambda message: None) -> Config:
+    """`config` with `train.batch_size: auto` resolved to the largest batch that fits, after
+    checking that a training step fits in this device's memory; RunRefused, with a batch size or
+    the settings that would fit, where it does not. The step is measured (`memory.plan_memory`)
+    where the batch is auto or the cheap screen says it may take more than a quarter of the memory
+    available; plainly small runs are not probed. `train.check_memory: false` skips all of it."""
+    from medsynth import memory
+
+    asked = config.train.batch_size
+    if not config.train.check_memory and asked != "auto":
+        return config
+    device = str(runtime.device)
+    # CPU processes of one machine share its memory; each GPU has its own.
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if runtime.device.type == "cpu" else 1
+    if asked != "auto":
+        available = memory.available_bytes(device) // processes
+        if memory.estimate_step_bytes(config, plan, asked) <= memory.PROBE_ABOVE * available:
+            return config
+    say(
+        f"measuring one training step's memory at {format_triple(plan.target_shape, 0)} (a few steps in a child process)"
+    )
+    planned = memory.plan_memory(
+        config,
+        plan,
+        device,
+        memory.cache_bytes(plan, volumes),
+        measure_sampling=False,
+        processes=processes,
+        largest=memory.largest_useful_batch(volumes, runtime.world_size),
+    )
+    if not planned.fits:
+        raise RunRefused(memory.refusal(planned, config))
+    if asked == "auto":
+        say(f"train.batch_size auto: {planned.batch_size}, {memory.describe_planned(planned)}")
+        return with_batch_size(config, planned.batch_size)
+    return config
 
 
 def _conditions_words(prepared) -> str:
@@ -370,27 +430,13 @@ def time_training_step(config: Config, plan: Plan, runtime: Runtime, amp: str, s
     `steps` steps after a warm-up step."""
     import tempfile
 
-    import numpy as np
-
     from medsynth.config import replace
+    from medsynth.memory import random_volume_trainer
     from medsynth.precision import median_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        paths, label_paths = [], []
-        for i in range(config.train.batch_size):
-            path = Path(tmp) / f"volume{i}.npy"
-            np.save(path, rng.uniform(-1, 1, plan.target_shape).astype(np.float32))
-            paths.append(str(path))
-            if plan.label_values:  # a paired model: random label maps of the plan's values
-                label_paths.append(str(Path(tmp) / f"labels{i}.npy"))
-                np.save(label_paths[-1], rng.choice(np.array(plan.label_values, dtype=np.uint8), plan.target_shape))
-        timed = replace(config, train=replace(config.train, amp=amp, loader_workers=0, compile=False))
-        conditions = ConditionSpec.of(plan.conditions)
-        codes = np.zeros((len(paths), conditions.width), dtype=np.float32) if conditions else None  # all unknown
-        trainer = Trainer(
-            timed, plan, paths, Path(tmp) / "run", runtime, label_paths=label_paths or None, condition_codes=codes
-        )
+        timed = replace(config, train=replace(config.train, amp=amp))
+        trainer = random_volume_trainer(timed, plan, runtime, Path(tmp))
         try:
             return median_seconds(trainer.train_step, steps, runtime.device)
         finally:

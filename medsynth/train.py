@@ -62,6 +62,7 @@ from medsynth.distributed import Runtime, any_rank, sum_over_ranks
 from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from medsynth.memory import peak_bytes
 from medsynth.metrics import MetricsLog
 from medsynth.models import build_models, label_class_count, one_hot_labels, sample_latent, split_pairs
 from medsynth.plan import Plan
@@ -674,6 +675,7 @@ class Trainer:
             lr_d=self.opt_d.param_groups[0]["lr"],
             steps_per_s=steps_per_s,
             volumes_per_s=steps_per_s * volumes,
+            peak_memory_mb=peak_bytes(self.device) / 2**20,  # what `train --dry-run` predicts
             time=time.time(),
         )
         self.metrics.write(record)

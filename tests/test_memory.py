@@ -1,0 +1,142 @@
+"""Memory planned before a run: the measured probe, the line through measured batches, `auto`
+batch sizes, and refusing a run that cannot fit before anything is preprocessed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import CONFIGS, cpu_runtime, tiny_config
+
+from medsynth import memory
+from medsynth.memory import MemoryProbe
+from medsynth.runs import RunRefused, train_run
+
+MIB = 1024**2
+
+
+def _probe(batch: int, peak_mib: float, baseline_mib: float = 200) -> MemoryProbe:
+    return MemoryProbe("train", "cpu", batch, "off", int(peak_mib * MIB), int(baseline_mib * MIB), 0.1)
+
+
+def test_the_line_through_two_measured_batches_predicts_the_others():
+    probes = [_probe(2, 300), _probe(8, 420)]  # 20 MiB a volume on top of 260 MiB
+    assert memory.predicted_bytes(probes, 16) == pytest.approx(580 * MIB, rel=1e-6)
+    assert memory.predicted_bytes(probes, 4) == pytest.approx(340 * MIB, rel=1e-6)
+    # 600 MiB to plan on: batch 16 (580) fits, 32 (900) does not.
+    assert memory.largest_fitting_batch(probes, 600 * MIB, pack=2) == 16
+    assert memory.largest_fitting_batch(probes, 250 * MIB, pack=2) is None
+    assert memory.largest_fitting_batch(probes, 10_000 * MIB, pack=2, largest=24) == 16  # the data's limit
+
+
+def test_one_measurement_counts_everything_above_pytorch_as_growing():
+    """From one batch alone the prediction must not be optimistic: all of the step's memory above
+    PyTorch's own is taken to grow with the batch."""
+    one = [_probe(2, 300, baseline_mib=200)]
+    assert memory.predicted_bytes(one, 8) == pytest.approx((200 + 100 * 4) * MIB, rel=1e-6)
+    assert memory.predicted_bytes(one, 8) >= memory.predicted_bytes([*one, _probe(4, 320)], 8)
+
+
+def _fake_probes(monkeypatch, per_volume_mib: float, fixed_mib: float = 300) -> list[int]:
+    """Replace the child process by a line, and record which batches were 'measured'."""
+    measured: list[int] = []
+
+    def fake(config, plan, kind, device, amp, batch_size, steps=2):
+        measured.append(batch_size) if kind == "train" else None
+        return MemoryProbe(kind, device, batch_size, amp, int((fixed_mib + per_volume_mib * batch_size) * MIB), 0, 0.1)
+
+    monkeypatch.setattr(memory, "probe", fake)
+    return measured
+
+
+def test_a_batch_that_would_not_fit_is_predicted_and_never_run(monkeypatch):
+    measured = _fake_probes(monkeypatch, per_volume_mib=100)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(1001 * MIB / memory.SAFETY))
+    planned = memory.plan_memory(tiny_config("train.batch_size=16"), _plan(), "cpu", measure_sampling=False)
+    assert 16 not in measured  # 1900 MiB predicted: not run
+    assert not planned.fits and not planned.measured
+    assert planned.peak_bytes == pytest.approx(1900 * MIB, rel=1e-3)
+    assert planned.largest_batch == 4  # 700 MiB; 8 would be 1100
+    message = memory.refusal(planned, tiny_config("train.batch_size=16"))
+    assert "batch 16 does not fit" in message and "train.batch_size=4 would fit" in message
+
+
+def test_auto_takes_the_largest_batch_that_fits_and_measures_it(monkeypatch):
+    measured = _fake_probes(monkeypatch, per_volume_mib=100)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(1001 * MIB / memory.SAFETY))
+    planned = memory.plan_memory(tiny_config("train.batch_size=auto"), _plan(), "cpu", measure_sampling=False)
+    assert planned.batch_size == 4 and planned.measured and planned.fits
+    assert measured[-1] == 4
+
+
+def _plan(shape=(16, 16, 16)):
+    from medsynth.plan import Plan
+
+    return Plan(
+        modality="mr",
+        target_shape=shape,
+        spacing=(1.0, 1.0, 1.0),
+        deoblique=True,
+        intensity_mode="percentile",
+        window=(0.0, 1000.0),
+        percentiles=(0.5, 99.5),
+        output_dtype="float32",
+        n_sources=1,
+    )
+
+
+def test_the_probe_measures_a_real_step_in_a_child_process():
+    """One real step of the tiny model: a peak above PyTorch's own footprint, and the step's time."""
+    result = memory.probe(tiny_config(), _plan(), "train", "cpu", "off", 2, steps=1)
+    assert result.peak_bytes > result.baseline_bytes > 50 * MIB
+    assert result.seconds > 0
+    sampled = memory.probe(tiny_config(), _plan(), "sample", "cpu", "off", 8, steps=1)
+    assert sampled.peak_bytes > sampled.baseline_bytes
+
+
+def test_a_run_that_cannot_fit_is_refused_before_preprocessing(monkeypatch, phantom_dir, tmp_path):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * MIB)  # less than PyTorch itself
+    with pytest.raises(RunRefused, match="does not fit in memory.*plan.target_shape"):
+        train_run(phantom_dir, tmp_path / "run", tiny_config(), cpu_runtime())
+    cache = Path(os.environ["MEDSYNTH_CACHE"])
+    assert not list(cache.rglob("*.npy"))  # nothing was preprocessed
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_auto_batch_is_chosen_recorded_and_kept_on_resume(monkeypatch, phantom_dir, tmp_path):
+    measured = _fake_probes(monkeypatch, per_volume_mib=100)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(701 * MIB / memory.SAFETY))
+    messages: list[str] = []
+    train_run(
+        phantom_dir,
+        tmp_path / "run",
+        tiny_config("train.batch_size=auto", "train.max_steps=2"),
+        cpu_runtime(),
+        on_message=messages.append,
+    )
+    assert any("train.batch_size auto: 4" in m for m in messages)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["batch_size"] == 4
+    # More memory later does not change a run that has started: it resumes with its batch.
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100_000 * MIB)
+    measured.clear()
+    result = train_run(
+        phantom_dir, tmp_path / "run", tiny_config("train.batch_size=auto", "train.max_steps=3"), cpu_runtime()
+    )
+    assert result.resumed_from == 2 and result.step == 3
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["batch_size"] == 4
+
+
+def test_dry_run_reports_memory_and_refuses_what_cannot_fit(run_cli, monkeypatch, phantom_dir, tmp_path):
+    args = ("train", phantom_dir, "-o", tmp_path / "run", "--config", CONFIGS / "tiny.yaml", "--dry-run")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    for row in ("memory, a training step", "memory, sampling", "memory available", "largest batch that fits"):
+        assert row in out
+    assert "parameters" in out and "FLOP" in out  # the model's sizes, as before
+    assert "step time, fp32" in out and "training will use" in out
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * MIB)
+    code, out, err = run_cli(*args)
+    assert code == 2 and "does not fit in memory" in err and "plan.target_shape" in err
+    assert not (tmp_path / "run").exists()
