@@ -122,7 +122,15 @@ class PlanConfig:
     """What the dataset plan is derived from. Everything left as "auto" is read off the data."""
 
     # Voxel grid the model sees, (x, y, z) in RAS order. Each axis a power of two from 16 to 256.
-    target_shape: tuple[int, int, int] = (64, 64, 64)
+    # "auto" derives it from the data (plan.choose_shape, as nnU-Net derives its patch size from
+    # the fingerprint): the foreground at the native spacing, each axis rounded to a power of two,
+    # coarsened until the grid holds at most `max_voxels`. A set of small crops gets a small grid
+    # instead of a padded 64³; a whole head still gets 64³.
+    target_shape: tuple[int, int, int] | Literal["auto"] = "auto"
+    # The most voxels an "auto" grid may have: 64³, which trains at batch 8 in under 1 GiB and
+    # about 1 s a step on a 2-core CPU (docs/benchmarks.md). Raise it for finer grids where the
+    # device has the memory (`train --dry-run` measures it).
+    max_voxels: int = 64**3
     # Target voxel spacing in mm, or None to derive it: the coarsest spacing at which the target
     # grid still covers the foreground of `fit_quantile` of the sources.
     spacing: tuple[float, float, float] | None = None
@@ -141,13 +149,16 @@ class PlanConfig:
     deoblique: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.target_shape) != 3:
-            raise ConfigError(f"plan.target_shape needs 3 sizes, got {list(self.target_shape)}")
-        for n in self.target_shape:
-            if not (_is_power_of_two(n) and 16 <= n <= 256):
-                raise ConfigError(
-                    f"plan.target_shape sizes must be powers of two from 16 to 256, got {list(self.target_shape)}"
-                )
+        if self.target_shape != "auto":
+            if len(self.target_shape) != 3:
+                raise ConfigError(f"plan.target_shape needs 3 sizes, got {list(self.target_shape)}")
+            for n in self.target_shape:
+                if not (_is_power_of_two(n) and 16 <= n <= 256):
+                    raise ConfigError(
+                        f"plan.target_shape sizes must be powers of two from 16 to 256, got {list(self.target_shape)}"
+                    )
+        if self.max_voxels < 16**3:
+            raise ConfigError(f"plan.max_voxels must be at least 16³ = 4096, got {self.max_voxels}")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise ConfigError(f"plan.spacing must be 3 positive numbers in mm, got {self.spacing}")
         if not 0.0 < self.fit_quantile <= 1.0:
@@ -382,7 +393,7 @@ class Config:
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of model.pack ({self.model.pack}): "
                 "D judges packs of model.pack volumes"
             )
-        if min(self.plan.target_shape) < 2 * self.model.base_grid:
+        if self.plan.target_shape != "auto" and min(self.plan.target_shape) < 2 * self.model.base_grid:
             raise ConfigError(
                 f"plan.target_shape {list(self.plan.target_shape)} is too small for model.base_grid="
                 f"{self.model.base_grid}: the shortest side must be at least twice the base grid"

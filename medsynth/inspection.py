@@ -228,6 +228,7 @@ def render(report: dict[str, Any]) -> None:
     plan_rows = [
         ["modality", plan["modality"].upper()],
         ["target shape", format_triple(plan["target_shape"], 0) + " (RAS)"],
+        ["why this shape", plan.get("shape_reason") or "set in the config (plan.target_shape)"],
         ["target spacing", format_triple(plan["spacing"]) + f" mm, a {format_triple(extent, 0)} mm field of view"],
         ["why this spacing", plan["spacing_reason"]],
         [

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,7 @@ class Plan:
     output_dtype: str  # dtype that synthetic volumes are written in
     n_sources: int
     spacing_reason: str = ""
+    shape_reason: str = ""
     version: int = PLAN_VERSION
     medsynth_version: str = __version__
     notes: tuple[str, ...] = field(default=())
@@ -410,8 +413,36 @@ def _round_up(value: float, step: float = 0.05) -> float:
     return float(np.ceil(value / step - 1e-9) * step).__round__(4)
 
 
+def choose_shape(
+    covered_mm: Sequence[float], native_mm: Sequence[float], max_voxels: int, smallest: int = 16, largest: int = 256
+) -> tuple[tuple[int, int, int], str]:
+    """The power-of-two grid for a foreground of `covered_mm` at the native spacing `native_mm`
+    (per axis), and why. Each axis: the power of two nearest (in log scale) to the foreground's
+    extent in native voxels, so no axis is resampled by more than about 1.4x either way to fit;
+    then, while the grid holds more than `max_voxels`, the axis with the most voxels per mm of
+    foreground is halved (its spacing doubles). Each axis stays within [smallest, largest]."""
+    voxels = np.asarray(covered_mm, dtype=np.float64) / np.asarray(native_mm, dtype=np.float64)
+    shape = [int(np.clip(2 ** round(float(np.log2(max(v, 1.0)))), smallest, largest)) for v in voxels]
+    natural = tuple(shape)
+    while math.prod(shape) > max_voxels:
+        # Halve where the grid is finest relative to the foreground, keeping the voxels near cubic.
+        candidates = [i for i in range(3) if shape[i] > smallest]
+        if not candidates:
+            break
+        axis = max(candidates, key=lambda i: (shape[i] / covered_mm[i], shape[i]))
+        shape[axis] //= 2
+    reason = (
+        f"from the data: the foreground ({format_triple(covered_mm, 0)} mm) at the native "
+        f"{format_triple(native_mm, 2)} mm is {format_triple(voxels, 0)} voxels; to powers of two: "
+        f"{format_triple(natural, 0)}"
+    )
+    if tuple(shape) != natural:
+        reason += f", halved to fit plan.max_voxels ({max_voxels:,})"
+    return tuple(shape), reason  # type: ignore[return-value]
+
+
 def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
-    """Derive the plan: modality, spacing, shape and intensity window."""
+    """Derive the plan: modality, shape, spacing and intensity window."""
     sources = fingerprint.sources
     notes = []
     if config.modality != "auto":
@@ -422,13 +453,24 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
             counts = ", ".join(f"{n} {m.upper()}" for m, n in fingerprint.modality_counts.items())
             notes.append(f"mixed modalities ({counts}); planned as {modality.upper()}")
 
-    target = np.asarray(config.target_shape, dtype=np.float64)
+    extents = np.asarray([f.foreground_extent_mm for f in sources], dtype=np.float64)
+    covered = np.quantile(extents, config.fit_quantile, axis=0)
+    if config.target_shape == "auto":
+        native_axes = (
+            np.asarray(config.spacing, dtype=np.float64)
+            if config.spacing is not None
+            else np.full(3, float(np.min(fingerprint.median_spacing)))
+            if config.isotropic
+            else np.asarray(fingerprint.median_spacing, dtype=np.float64)
+        )
+        target_shape, shape_reason = choose_shape(covered, native_axes, config.max_voxels)
+    else:
+        target_shape, shape_reason = tuple(int(n) for n in config.target_shape), "set in the config (plan.target_shape)"
+    target = np.asarray(target_shape, dtype=np.float64)
     if config.spacing is not None:
         spacing = tuple(float(s) for s in config.spacing)
         reason = "set in the config (plan.spacing)"
     else:
-        extents = np.asarray([f.foreground_extent_mm for f in sources], dtype=np.float64)
-        covered = np.quantile(extents, config.fit_quantile, axis=0)
         native = np.min(fingerprint.median_spacing)
         fit = covered / target
         if config.isotropic:
@@ -437,7 +479,7 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
         else:
             spacing = tuple(_round_up(max(float(f), float(native))) for f in fit)
         reason = (
-            f"the {format_triple(config.target_shape, 0)} grid covers the foreground of {config.fit_quantile:.0%} of sources "
+            f"the {format_triple(target_shape, 0)} grid covers the foreground of {config.fit_quantile:.0%} of sources "
             f"({format_triple(covered, 0)} mm), never finer than the median native spacing ({native:.2g} mm)"
         )
 
@@ -458,7 +500,7 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
         output_dtype = dtypes.most_common(1)[0][0]
     return Plan(
         modality=modality,
-        target_shape=tuple(int(n) for n in config.target_shape),  # type: ignore[arg-type]
+        target_shape=target_shape,  # type: ignore[arg-type]
         spacing=spacing,  # type: ignore[arg-type]
         deoblique=config.deoblique,
         intensity_mode=intensity_mode,
@@ -467,5 +509,6 @@ def make_plan(fingerprint: DatasetFingerprint, config: PlanConfig) -> Plan:
         output_dtype=output_dtype,
         n_sources=len(sources),
         spacing_reason=reason,
+        shape_reason=shape_reason,
         notes=tuple(notes),
     )

@@ -52,7 +52,10 @@ RESUMABLE_CHANGES = {
 # Settings whose default has changed: (the old default, the new). A run saved under the old default
 # (or before the setting existed) and resumed by the same command, which now resolves to the new
 # default, keeps the old: its weights were made for it.
-CHANGED_DEFAULTS: dict[str, tuple[Any, Any]] = {"model.upsample": ("transposed", "resize")}
+CHANGED_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "model.upsample": ("transposed", "resize"),
+    "plan.target_shape": ([64, 64, 64], "auto"),
+}
 RUN_ARTEFACTS = (
     "checkpoints",
     "previews",
@@ -83,11 +86,16 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     """Settings that differ between a saved run and now, other than those safe to change on resume."""
     old, new = _flatten(saved), _flatten(config_to_dict(current))
+    defaults = _flatten(config_to_dict(Config()))
     keys = sorted(set(old) | set(new))
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in keys
-        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+        if old.get(k) != new.get(k)
+        and k not in RESUMABLE_CHANGES
+        # A setting added since the run was saved, at its default: the run was made without it,
+        # which is what its default does (defaults that changed behaviour are CHANGED_DEFAULTS).
+        and not (k not in old and new.get(k) == defaults.get(k))
     ]
 
 

@@ -10,7 +10,7 @@ from medsynth.config import Config, ConfigError, config_to_dict, load_config
 def test_defaults():
     config = load_config()
     assert config == Config()
-    assert config.plan.target_shape == (64, 64, 64)
+    assert config.plan.target_shape == "auto" and config.plan.max_voxels == 64**3
 
 
 def test_yaml_then_overrides(tmp_path):

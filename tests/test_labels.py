@@ -402,3 +402,14 @@ def test_real_hippocampus_label_set_survives_preprocessing(shared_data, tmp_path
     assert len(prepared.entries) == 4 and prepared.plan.label_values == (0, 1, 2)
     for entry in prepared.entries:
         assert set(np.unique(np.load(entry.label_path))) == {0, 1, 2}, entry.name
+
+
+def test_runs_saved_before_a_setting_existed_resume_at_its_default_but_not_at_another_value():
+    from medsynth.config import Config, config_to_dict, load_config
+    from medsynth.runs import config_differences
+
+    saved = config_to_dict(Config())
+    del saved["model"]["condition_generator"], saved["train"]["check_memory"], saved["plan"]["max_voxels"]
+    assert config_differences(saved, Config()) == []
+    changed = load_config(None, ["model.condition_generator=batchnorm"])
+    assert config_differences(saved, changed) == ["model.condition_generator: None -> 'batchnorm'"]

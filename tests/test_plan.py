@@ -117,3 +117,33 @@ def test_real_ixi_plan(shared_data):
     assert plan.modality == "mr" and plan.target_shape == (64, 64, 64)
     # The 64³ grid must hold a whole head (about 180 x 230 x 215 mm) at a few mm per voxel.
     assert 3.0 <= plan.spacing[0] <= 4.0
+
+
+def test_the_grid_comes_from_the_data_when_no_shape_is_given():
+    from medsynth.plan import choose_shape
+
+    # Small crops get a small grid, each axis the nearest power of two: not a padded 64³.
+    assert choose_shape([36, 50, 36], [1.0] * 3, 64**3)[0] == (32, 64, 32)
+    assert choose_shape([64, 64, 64], [2.3] * 3, 64**3)[0] == (32, 32, 32)  # 28³ crops at 2.3 mm
+    # A whole head at ~1 mm would be 256³: halved, finest axis first, until it fits the budget.
+    shape, reason = choose_shape([150, 200, 190], [0.94] * 3, 64**3)
+    assert shape == (64, 64, 64) and "halved to fit plan.max_voxels" in reason
+    assert choose_shape([150, 200, 190], [0.94] * 3, 128**3)[0] == (128, 128, 128)
+    # Never below 16 or above 256 on an axis; the budget is never exceeded otherwise.
+    assert choose_shape([5, 5, 5], [1.0] * 3, 64**3)[0] == (16, 16, 16)
+    assert choose_shape([2000, 300, 300], [1.0] * 3, 10**9)[0][0] == 256
+    for extent in ([300, 300, 120], [90, 400, 60], [30, 30, 900]):
+        assert np.prod(choose_shape(extent, [0.7, 0.7, 5.0], 64**3)[0]) <= 64**3
+
+
+def test_an_auto_plan_says_why_and_an_explicit_shape_still_wins():
+    # Crops like the hippocampus set's: a foreground of about 36 x 50 x 36 mm at 1 mm.
+    crops = [fingerprint_volume(volume(blob_volume((52, 72, 52), seed=s)), f"crop{s}") for s in range(3)]
+    fingerprint = summarise(crops)
+    auto = make_plan(fingerprint, PlanConfig())
+    assert auto.target_shape == (32, 64, 32) and "from the data" in auto.shape_reason
+    # The spacing rule then fits the foreground into that grid (never finer than native).
+    extent = np.quantile([f.foreground_extent_mm for f in crops], 0.9, axis=0)
+    assert np.all(np.asarray(auto.spacing) * auto.target_shape >= extent)
+    explicit = make_plan(fingerprint, PlanConfig(target_shape=(64, 64, 64)))
+    assert explicit.target_shape == (64, 64, 64) and "plan.target_shape" in explicit.shape_reason
