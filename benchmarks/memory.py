@@ -1,0 +1,187 @@
+"""Peak memory and step time of training at 64³, 128³ and 256³, and whether `--dry-run` predicts
+a real run's peak.
+
+    python benchmarks/memory.py [--sizes 64 128 256] [--batches 2 4 8] [--data DIR] [--real-steps 3]
+                                [--set key=value ...] [--out memory.json]
+
+For each size:
+  * one training step measured by `medsynth.memory.probe` (a child process doing exactly what a
+    run does: D and G updates, R1, the EMA, a checkpoint and a preview) at each batch size, in
+    the precision `train.amp: auto` picks here; and one sampling batch of 8 volumes;
+  * a real run: `medsynth train` on `--real-volumes` scans for `--real-steps` steps, as a user
+    would start it, whose own peak (`peak_memory_mb` in metrics.jsonl: peak resident memory on a
+    CPU) is set beside what `--dry-run` predicts for it (the step's probe plus the cache it maps),
+    as a ratio.
+The brain preset's model (width 32, pack 2) unless --set says otherwise; batch 1 is not possible
+with pack 2. First says where it ran: CPU, cores, ISA, torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from medsynth import memory
+from medsynth.config import load_config
+from medsynth.plan import Plan
+from medsynth.precision import machine_description
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "train" / "ixi-t1"
+
+
+def a_plan(size: int) -> Plan:
+    return Plan(
+        modality="mr",
+        target_shape=(size, size, size),
+        spacing=(230.0 / size,) * 3,
+        deoblique=True,
+        intensity_mode="percentile",
+        window=(0.0, 1000.0),
+        percentiles=(0.5, 99.5),
+        output_dtype="float32",
+        n_sources=1,
+    )
+
+
+def real_run(data: Path, size: int, batch: int, steps: int, volumes: int, overrides: list[str], tmp: Path) -> dict:
+    """`medsynth train` on the first `volumes` scans of `data`; its peak and its plan."""
+    subset = tmp / f"data{size}"
+    subset.mkdir()
+    for scan in sorted(data.iterdir())[:volumes]:
+        (subset / scan.name).symlink_to(scan.resolve())
+    run = tmp / f"run{size}"
+    settings = [
+        f"plan.target_shape=[{size},{size},{size}]",
+        f"train.batch_size={batch}",
+        f"train.max_steps={steps}",
+        f"cache.dir={tmp / 'cache'}",
+        "train.log_every=1",
+        *overrides,
+    ]
+    command = [sys.executable, "-m", "medsynth", "train", str(subset), "-o", str(run), "--config"]
+    command += [str(ROOT / "configs" / "brain-mri-64.yaml")] + [w for s in settings for w in ("--set", s)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "peak_bytes": max(r["peak_memory_mb"] for r in records) * 2**20,
+        "plan": Plan.load(run / "plan.json"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--real-steps", type=int, default=3, help="steps of each real run (0: no real runs)")
+    parser.add_argument("--real-batch", type=int, default=4)
+    parser.add_argument("--real-volumes", type=int, default=8)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    print(f"machine: {machine_description(torch.device('cpu'))}")
+    print(f"memory available now: {memory.describe_bytes(memory.available_bytes('cpu'))}")
+    rows = []
+    for size in args.sizes:
+        config = load_config(
+            ROOT / "configs" / "brain-mri-64.yaml", [f"plan.target_shape=[{size},{size},{size}]", *args.overrides]
+        )
+        plan = a_plan(size)
+        amp = "bf16" if _bf16(config) else "off"
+        for batch in args.batches:
+            try:
+                probe = memory.probe(config, plan, "train", "cpu", amp, batch)
+                row = {
+                    "size": size,
+                    "batch": batch,
+                    "amp": amp,
+                    "peak_bytes": probe.peak_bytes,
+                    "seconds": probe.seconds,
+                }
+            except memory.ProbeFailed as exc:
+                row = {"size": size, "batch": batch, "amp": amp, "failed": str(exc)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        sampled = memory.probe(config, plan, "sample", "cpu", "off", memory.SAMPLE_BATCH)
+        rows.append(
+            {
+                "size": size,
+                "sample_batch": memory.SAMPLE_BATCH,
+                "peak_bytes": sampled.peak_bytes,
+                "seconds": sampled.seconds,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        if args.real_steps:
+            with tempfile.TemporaryDirectory(prefix="medsynth-memory-") as tmp:
+                real = real_run(
+                    args.data, size, args.real_batch, args.real_steps, args.real_volumes, args.overrides, Path(tmp)
+                )
+                run_config = load_config(
+                    ROOT / "configs" / "brain-mri-64.yaml",
+                    [
+                        f"plan.target_shape=[{size},{size},{size}]",
+                        f"train.batch_size={args.real_batch}",
+                        *args.overrides,
+                    ],
+                )
+                planned = memory.plan_memory(
+                    run_config,
+                    real["plan"],
+                    "cpu",
+                    memory.cache_bytes(real["plan"], args.real_volumes),
+                    measure_sampling=False,
+                )
+                predicted = planned.peak_bytes + planned.cache_bytes
+                row = {
+                    "size": size,
+                    "real_batch": args.real_batch,
+                    "real_peak_bytes": real["peak_bytes"],
+                    "dry_run_bytes": predicted,
+                    "ratio": predicted / real["peak_bytes"],
+                    "real_run_seconds": real["seconds"],
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    print("\n| size | batch | precision | peak memory, one training step | step time |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if "batch" in row:
+            figure = row.get("failed") or memory.describe_bytes(row["peak_bytes"])
+            seconds = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
+            print(f"| {row['size']}³ | {row['batch']} | {row['amp']} | {figure} | {seconds} |")
+    print("\n| size | sampling peak (8 volumes a batch) | dry run predicts | real run's peak | ratio |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes:
+        sample = next(r for r in rows if r["size"] == size and "sample_batch" in r)
+        real = next((r for r in rows if r["size"] == size and "real_batch" in r), None)
+        compare = (
+            f"{memory.describe_bytes(real['dry_run_bytes'])} | {memory.describe_bytes(real['real_peak_bytes'])} | {real['ratio']:.2f}"
+            if real
+            else "- | - | -"
+        )
+        print(f"| {size}³ | {memory.describe_bytes(sample['peak_bytes'])} | {compare} |")
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine_description(torch.device("cpu")), "rows": rows}, indent=1))
+
+
+def _bf16(config) -> bool:
+    from medsynth.precision import choose_precision
+
+    return choose_precision(config.train.amp, torch.device("cpu")).bf16
+
+
+if __name__ == "__main__":
+    main()
