@@ -135,6 +135,12 @@ def inspect(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Cache folder (default: $MEDSYNTH_CACHE or ~/.cache/medsynth)."
     ),
+    memory_check: bool = typer.Option(
+        False,
+        "--memory",
+        help="Also measure the memory of one training step and of sampling with this plan (a few steps in a "
+        "child process), beside what the device has: as `train --dry-run` does.",
+    ),
 ) -> None:
     """Show what is in a folder: every volume's geometry, everything skipped and why, and the plan."""
     from medsynth import console
@@ -156,10 +162,29 @@ def inspect(
         raise
     if save_plan:
         Plan.from_dict(report["plan"]).save(save_plan)
+    planned = None
+    if memory_check:
+        from medsynth import memory
+        from medsynth.distributed import resolve_device
+
+        plan = Plan.from_dict(report["plan"])
+        volumes = plan.n_sources
+        planned = memory.plan_memory(
+            settings,
+            plan,
+            str(resolve_device(settings.train.device)),
+            memory.cache_bytes(plan, volumes),
+            largest=memory.largest_useful_batch(volumes),
+        )
+        report["memory"] = planned.to_dict()
     if json_output:
         console.print_json(report)
     else:
         render(report)
+        if planned is not None:
+            console.out.print(console.table("Memory", ["", ""], _memory_rows(planned, settings), show_header=False))
+            if not planned.fits:
+                console.warn(memory.refusal(planned, settings))
         if save_plan:
             console.info(f"plan written to {save_plan}")
 

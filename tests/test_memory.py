@@ -140,3 +140,12 @@ def test_dry_run_reports_memory_and_refuses_what_cannot_fit(run_cli, monkeypatch
     code, out, err = run_cli(*args)
     assert code == 2 and "does not fit in memory" in err and "plan.target_shape" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_inspect_measures_memory_when_asked(run_cli, monkeypatch, phantom_dir):
+    _fake_probes(monkeypatch, per_volume_mib=10)
+    code, out, err = run_cli("inspect", phantom_dir, "--config", CONFIGS / "tiny.yaml", "--memory")
+    assert code == 0, err
+    assert "memory, a training step" in out and "largest batch that fits" in out
+    code, out, err = run_cli("inspect", phantom_dir, "--config", CONFIGS / "tiny.yaml", "--memory", "--json")
+    assert code == 0 and '"largest_batch"' in out
