@@ -168,20 +168,16 @@ def inspect(
         from medsynth.distributed import resolve_device
 
         plan = Plan.from_dict(report["plan"])
-        volumes = plan.n_sources
-        planned = memory.plan_memory(
-            settings,
-            plan,
-            str(resolve_device(settings.train.device)),
-            memory.cache_bytes(plan, volumes),
-            largest=memory.largest_useful_batch(volumes),
-        )
-        report["memory"] = planned.to_dict()
+        device = str(resolve_device(settings.train.device))
+        settings, planned, note = memory.plan_to_fit(settings, plan, device, plan.n_sources, measure_sampling=True)
+        report["memory"] = {**planned.to_dict(), "note": note}
     if json_output:
         console.print_json(report)
     else:
         render(report)
         if planned is not None:
+            if report["memory"]["note"]:
+                console.info(report["memory"]["note"])
             console.out.print(console.table("Memory", ["", ""], _memory_rows(planned, settings), show_header=False))
             if not planned.fits:
                 console.warn(memory.refusal(planned, settings))
@@ -707,10 +703,9 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     plan, _ = plan_with_conditions(plan, [source.name for source in found.sources], settings)  # and a conditional one
     device = resolve_device(settings.train.device)
     # Memory first, measured in child processes: a step that does not fit is never run here.
-    volumes = len(found.sources)
-    planned = memory.plan_memory(
-        settings, plan, str(device), memory.cache_bytes(plan, volumes), largest=memory.largest_useful_batch(volumes)
-    )
+    settings, planned, note = memory.plan_to_fit(settings, plan, str(device), len(found.sources), measure_sampling=True)
+    if note:
+        console.info(note)
     if planned.batch_size is not None:
         settings = with_batch_size(settings, planned.batch_size)  # auto resolved
     sizes = describe_models(settings, plan)
@@ -803,6 +798,12 @@ def _memory_rows(planned, settings) -> list[list[str]]:
     )
     largest = planned.largest_batch
     rows.append(["largest batch that fits", str(largest) if largest else f"none (not even {settings.model.pack})"])
+    rows.append(
+        [
+            "activation checkpointing",
+            "on (train.activation_checkpointing)" if settings.train.activation_checkpointing else "off",
+        ]
+    )
     return rows
 
 

@@ -333,6 +333,12 @@ class TrainConfig:
     # one step in a child process where a cheap screen says it may not; medsynth.memory), and
     # refuse with a batch size that fits if it does not.
     check_memory: bool = True
+    # Activation checkpointing of the generator's blocks: each keeps only its input for the
+    # backward pass and is run again there, trading about a third more generator compute for
+    # memory (measured in docs/benchmarks.md). The discriminator is not checkpointed: its spectral
+    # norm's power iteration would run again on different vectors. The numbers are the same with
+    # it on or off (tested), so a run may switch it when resumed.
+    activation_checkpointing: bool = False
     lr_generator: float = 2e-4
     lr_discriminator: float = 2e-4
     beta1: float = 0.5  # DCGAN: momentum 0.9 makes training oscillate
@@ -436,6 +442,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be null, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean: `--set train.amp=off` means "off".
+            words = ("off", "no", "false") if not value else ("on", "yes", "true")
+            value = next((word for word in words if word in choices), value)
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -22,6 +22,7 @@ the meta device, so `train` can skip the probe where memory is plainly ample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,9 @@ from medsynth.errors import MedsynthError
 SAFETY = 0.85
 # `train` probes before it starts when the screen says a step may need more than this share.
 PROBE_ABOVE = 0.25
+# What a process that has imported PyTorch and medsynth holds before any model (measured on a
+# CPU: 0.22-0.23 GiB); part of the screen, since the probe's figure includes it too.
+TORCH_FOOTPRINT = 250 * 1024**2
 # Latents per `medsynth sample` batch, its --batch-size default.
 SAMPLE_BATCH = 8
 GIB = 1024**3
@@ -124,7 +128,8 @@ def estimate_step_bytes(config, plan, batch_size: int) -> int:
     d_weights += d_channels[-1] * math.prod(_base_shape(shape, stages))
     # Weights, gradients, two Adam moments, the EMA; at the peak G's batch passes through D once
     # more than the real and fake batches do: about three D passes and one G pass kept at once.
-    return int(4 * (5 * (g_weights + d_weights) + batch_size * (g_elements + 3 * d_elements)))
+    arrays = 4 * (5 * (g_weights + d_weights) + batch_size * (g_elements + 3 * d_elements))
+    return int(TORCH_FOOTPRINT + arrays)
 
 
 def probe(config, plan, kind: str, device: str, amp: str, batch_size: int, steps: int = 2) -> MemoryProbe:
@@ -344,27 +349,77 @@ def plan_memory(
     pack = config.model.pack
     asked = config.train.batch_size
     probes = [probe(config, plan, "train", device, amp, pack)]
-    # A second point for the line: the batch asked for, else (auto, or that batch predicted not
-    # to fit from the one point, which predicts pessimistically) two packs.
-    for second in ([asked] if asked not in ("auto", pack) else []) + [2 * pack]:
-        if len(probes) == 1 and predicted_bytes(probes, second) <= budget:
-            probes.append(probe(config, plan, "train", device, amp, second))
-    largest_batch = largest_fitting_batch(probes, budget, pack, largest)
+
+    failed: list[int] = []
+
+    def try_probe(batch: int) -> None:
+        try:
+            probes.append(probe(config, plan, "train", device, amp, batch))
+        except ProbeFailed:  # out of memory in the child: that batch, and any larger, does not fit
+            failed.append(batch)
+
+    def largest_fitting() -> int | None:
+        limit = min([largest, *(b - 1 for b in failed)])
+        return largest_fitting_batch(probes, budget, pack, limit)
+
+    # A second point for the line: the batch asked for if it is predicted to fit, else two packs
+    # if that may fit (one point predicts pessimistically, so with some slack: a batch that does
+    # not fit only stops the child).
+    if asked not in ("auto", pack) and predicted_bytes(probes, asked) <= budget:
+        try_probe(asked)
+    if len(probes) == 1 and predicted_bytes(probes, 2 * pack) <= 1.5 * budget:
+        try_probe(2 * pack)
+    largest_batch = largest_fitting()
     batch = largest_batch if asked == "auto" else asked
     measured = next((p for p in probes if p.batch_size == batch), None)
     if measured is None and batch is not None and predicted_bytes(probes, batch) <= budget:
-        measured = probe(config, plan, "train", device, amp, batch)
-        probes.append(measured)
-        largest_batch = largest_fitting_batch(probes, budget, pack, largest)
-        if asked == "auto" and measured.peak_bytes > budget:  # the line was optimistic: step back
+        try_probe(batch)
+        measured = next((p for p in probes if p.batch_size == batch), None)
+        largest_batch = largest_fitting()
+        if asked == "auto" and (measured is None or measured.peak_bytes > budget):  # the line was optimistic
             batch = largest_batch
             measured = next((p for p in probes if p.batch_size == batch), None)
     peak = measured.peak_bytes if measured else predicted_bytes(probes, batch or pack)
+    if batch in failed:  # it was run and ran out of memory: whatever the line says, it does not fit
+        peak = max(peak, int(available) + 1)
     sample = probe(config, plan, "sample", device, "off", SAMPLE_BATCH) if measure_sampling else None
     return PlannedMemory(
         batch, int(peak), measured is not None, tuple(sorted(probes, key=lambda p: p.batch_size)), sample, available,
         cache_bytes, largest_batch,
     )  # fmt: skip
+
+
+def plan_to_fit(
+    config, plan, device: str, volumes: int, world_size: int = 1, processes: int = 1, measure_sampling: bool = False
+):
+    """(config, PlannedMemory, note): `plan_memory` for this run; where the step does not fit,
+    the same with `train.activation_checkpointing` on (the same numbers, less memory), taken if
+    that fits, with a note saying so. What `train` does before preprocessing and `--dry-run` shows."""
+    from medsynth.config import replace
+
+    def planned_for(settings) -> PlannedMemory:
+        return plan_memory(
+            settings,
+            plan,
+            device,
+            cache_bytes(plan, volumes),
+            measure_sampling=measure_sampling,
+            processes=processes,
+            largest=largest_useful_batch(volumes, world_size),
+        )
+
+    planned = planned_for(config)
+    if planned.fits or config.train.activation_checkpointing:
+        return config, planned, None
+    lean = replace(config, train=replace(config.train, activation_checkpointing=True))
+    lean_planned = planned_for(lean)
+    if not lean_planned.fits:
+        return config, planned, None
+    note = (
+        f"train.activation_checkpointing on, so that a step fits: {describe_bytes(lean_planned.peak_bytes)} "
+        f"instead of {describe_bytes(planned.peak_bytes)}"
+    )
+    return lean, lean_planned, note
 
 
 def cache_bytes(plan, volumes: int) -> int:
@@ -412,4 +467,6 @@ def describe_bytes(count: float) -> str:
 
 
 if __name__ == "__main__":  # the measuring child: python -m medsynth.memory REQUEST.json
+    with contextlib.suppress(OSError):  # if memory runs out, the kernel stops this child, not its parent
+        Path("/proc/self/oom_score_adj").write_text("1000")
     print(json.dumps(asdict(_measure(json.loads(Path(sys.argv[1]).read_text())))))

@@ -21,11 +21,14 @@ Without conditions both networks are again exactly the unconditional ones.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from medsynth.conditions import ConditionSpec
 from medsynth.config import ModelConfig
@@ -339,6 +342,9 @@ class Generator3d(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.blocks = nn.Sequential(*blocks)
+        # Activation checkpointing of the blocks (`train.activation_checkpointing`, set by the
+        # Trainer): each block keeps only its input for the backward pass and runs again there.
+        self.activation_checkpointing = False
         # One layer makes the image and its class logits from the same features, so they agree.
         self.to_volume = upsampling(config.upsample, channels[0], 1 + label_classes, bias=True)
         initialise_dcgan(self)
@@ -368,8 +374,13 @@ class Generator3d(nn.Module):
             z = torch.cat([z, embedded.to(z.dtype)], dim=1)  # (B, latent_dim + embedding)
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
         x = torch.relu(self._norm(self.project_norm, x, embedded))
-        for layer in self.blocks:
-            x = self._norm(layer, x, embedded)  # ends (B, base_channels, X/2, Y/2, Z/2)
+        for start in range(0, len(self.blocks), 3):  # (upsampling, norm, ReLU) per doubling
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(
+                    self._block, start, x, embedded, use_reentrant=False, context_fn=self._recompute_context(start)
+                )
+            else:
+                x = self._block(start, x, embedded)  # ends (B, base_channels, X/2, Y/2, Z/2)
         if not self.label_classes:
             return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
         out = self.to_volume(x)  # (B, 1 + K, X, Y, Z): the image, then one logit per class
@@ -380,6 +391,32 @@ class Generator3d(nn.Module):
     @staticmethod
     def _norm(layer: nn.Module, x: torch.Tensor, embedded: torch.Tensor | None) -> torch.Tensor:
         return layer(x, embedded) if isinstance(layer, ConditionalBatchNorm3d) else layer(x)
+
+    def _block(self, start: int, x: torch.Tensor, embedded: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.blocks[start : start + 3]:
+            x = self._norm(layer, x, embedded)  # (B, C, 2x, 2y, 2z) after the upsampling
+        return x
+
+    def _recompute_context(self, start: int) -> Callable[[], tuple[Any, Any]]:
+        """Checkpointing runs a block's forward again in the backward pass. The second run must
+        not move the BatchNorm running statistics (or their count) a second time: momentum 0
+        while it runs. (Its batch statistics, and so its values, are the first run's: the same
+        input.)"""
+        norms = [m for m in self.blocks[start : start + 3].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+        @contextlib.contextmanager
+        def still_statistics():
+            saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+            for norm in norms:
+                norm.momentum = 0.0
+            try:
+                yield
+            finally:
+                for norm, (momentum, count) in zip(norms, saved):
+                    norm.momentum = momentum
+                    norm.num_batches_tracked.copy_(count)
+
+        return lambda: (contextlib.nullcontext(), still_statistics())
 
 
 class MinibatchStd(nn.Module):

@@ -34,6 +34,7 @@ from medsynth.train import EventCallback, StepCallback, Trainer
 RESUMABLE_CHANGES = {
     "train.max_steps",
     "train.check_memory",
+    "train.activation_checkpointing",
     "train.device",
     "train.amp",
     "train.compile",
@@ -343,15 +344,12 @@ def fit_to_memory(config: Config, plan: Plan, runtime: Runtime, volumes: int, sa
     say(
         f"measuring one training step's memory at {format_triple(plan.target_shape, 0)} (a few steps in a child process)"
     )
-    planned = memory.plan_memory(
-        config,
-        plan,
-        device,
-        memory.cache_bytes(plan, volumes),
-        measure_sampling=False,
-        processes=processes,
-        largest=memory.largest_useful_batch(volumes, runtime.world_size),
+
+    config, planned, note = memory.plan_to_fit(
+        config, plan, device, volumes, world_size=runtime.world_size, processes=processes
     )
+    if note:
+        say(note)
     if not planned.fits:
         raise RunRefused(memory.refusal(planned, config))
     if asked == "auto":

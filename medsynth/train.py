@@ -197,6 +197,7 @@ class Trainer:
         memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
         # The modules that own the weights: checkpoints, the EMA and previews use these.
         self.generator = generator.to(self.device, memory_format=memory_format)
+        self.generator.activation_checkpointing = train.activation_checkpointing
         self.discriminator = discriminator.to(self.device, memory_format=memory_format)
         self.memory_format = memory_format
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)

@@ -149,3 +149,19 @@ def test_inspect_measures_memory_when_asked(run_cli, monkeypatch, phantom_dir):
     assert "memory, a training step" in out and "largest batch that fits" in out
     code, out, err = run_cli("inspect", phantom_dir, "--config", CONFIGS / "tiny.yaml", "--memory", "--json")
     assert code == 0 and '"largest_batch"' in out
+
+
+def test_activation_checkpointing_changes_memory_not_numbers(phantom_dir, tmp_path):
+    """Checkpointed generator blocks run again in the backward pass; the weights, optimiser
+    states and BatchNorm statistics after a few steps are bit-identical to a plain run's, and a
+    run may switch it on when it is resumed."""
+    from test_train import _assert_identical, _state
+
+    common = ("train.max_steps=3", "train.checkpoint_every=100", "train.preview_every=100", "train.amp=off")
+    train_run(phantom_dir, tmp_path / "plain", tiny_config(*common), cpu_runtime())
+    train_run(
+        phantom_dir, tmp_path / "lean", tiny_config(*common, "train.activation_checkpointing=true"), cpu_runtime()
+    )
+    _assert_identical(_state(tmp_path / "plain"), _state(tmp_path / "lean"))
+    switched = tiny_config("train.max_steps=4", *common[1:], "train.activation_checkpointing=true")
+    assert train_run(phantom_dir, tmp_path / "plain", switched, cpu_runtime()).resumed_from == 3
