@@ -135,7 +135,9 @@ def test_dry_run_reports_memory_and_refuses_what_cannot_fit(run_cli, monkeypatch
     for row in ("memory, a training step", "memory, sampling", "memory available", "largest batch that fits"):
         assert row in out
     assert "parameters" in out and "FLOP" in out  # the model's sizes, as before
-    assert "step time, fp32" in out and "training will use" in out
+    # One step timed in each precision (bf16 where native, else said to be emulated), the CPU named.
+    assert "step time, fp32" in out and "volumes/s" in out and "training will use" in out
+    assert "step time, bf16" in out and "cores" in out
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * MIB)
     code, out, err = run_cli(*args)
     assert code == 2 and "does not fit in memory" in err and "plan.target_shape" in err

@@ -67,16 +67,6 @@ def test_training_with_forced_emulated_bf16_says_so_once(emulated_bf16, phantom_
     assert any("bf16 autocast, forced" in m for m in messages)
 
 
-def test_dry_run_times_a_step_and_says_which_precision_it_will_use(run_cli, phantom_dir, tmp_path):
-    code, out, err = run_cli(
-        "train", phantom_dir, "-o", tmp_path / "run", "--config", CONFIGS / "tiny.yaml", "--dry-run"
-    )
-    assert code == 0, err
-    assert "step time, fp32" in out and "volumes/s" in out and "training will use" in out
-    assert ("step time, bf16" in out) and "cores" in out
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_resumed_auto_run_keeps_the_precision_it_started_in(monkeypatch, phantom_dir, tmp_path):
     from medsynth.checkpoint import load_checkpoint
     from medsynth.runs import train_run
