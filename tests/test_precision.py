@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CONFIGS, cpu_runtime, tiny_config
+from helpers import cpu_runtime, tiny_config
 
 from medsynth import precision
 from medsynth.precision import choose_precision
