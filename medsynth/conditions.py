@@ -197,6 +197,16 @@ def guess_id_column(table: Table, scan_names: list[str]) -> str:
 # Columns: their kind and scaling (what the plan keeps)
 
 
+def outward_range(low: float, high: float) -> tuple[float, float]:
+    """The training values' range as the plan keeps it: rounded outward to two significant figures
+    of its width (ages 20.17 to 79.41 become 20 to 80). The plan travels with every checkpoint and
+    sample, and the exact youngest and oldest ages of a cohort are a patient's own values."""
+    width = high - low
+    scale = width if width > 0 else abs(high)
+    step = 10.0 ** (math.floor(math.log10(scale)) - 1) if scale > 0 else 1.0
+    return round(math.floor(low / step) * step, 10), round(math.ceil(high / step) * step, 10)
+
+
 @dataclass(frozen=True)
 class ConditionColumn:
     """One condition as the plan keeps it. Continuous: the training scans' mean, standard
@@ -313,14 +323,15 @@ def describe_columns(
         if kind == CONTINUOUS:
             array = np.asarray(present, dtype=np.float64)
             std = float(array.std())
+            low, high = outward_range(float(array.min()), float(array.max()))
             columns.append(
                 ConditionColumn(
                     name,
                     CONTINUOUS,
                     mean=float(array.mean()),
                     std=std if std > 0 else 1.0,  # one value only: nothing to scale, keep it finite
-                    minimum=float(array.min()),
-                    maximum=float(array.max()),
+                    minimum=low,
+                    maximum=high,
                 )
             )
         else:

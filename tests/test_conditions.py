@@ -70,7 +70,7 @@ def test_ixi_style_table_matches_by_id_prefix_and_infers_kinds(tmp_path):
     assert sex.categories == ("F", "M")
     ages = np.array([38.78, 46.71, 34.24])  # scaled over the matched scans only, not the extra row
     assert age.mean == pytest.approx(ages.mean()) and age.std == pytest.approx(ages.std())
-    assert (age.minimum, age.maximum) == (34.24, 46.71)
+    assert (age.minimum, age.maximum) == (34.0, 47.0)  # rounded outward: outward_range
     assert found.values[0] == {"Age": None, "Sex": None}
     numbers, present, classes = found.codes()
     assert present[:, 0].tolist() == [False, True, True, True]
@@ -166,3 +166,13 @@ def test_class_folders_are_a_categorical_column():
 def test_class_folders_refuse_loose_scans_and_a_single_class(names, message):
     with pytest.raises(ConditionsError, match=message):
         conditions_from_folders(names)
+
+
+def test_the_plan_keeps_the_range_rounded_outward_not_a_patients_exact_value():
+    from medsynth.conditions import outward_range
+
+    assert outward_range(20.17, 79.41) == (20.0, 80.0)  # IXI's ages: a sweep 20:80 is in range
+    assert outward_range(0.123, 0.871) == (0.12, 0.88)  # two significant figures of the width
+    assert outward_range(40.0, 65.0) == (40.0, 65.0)  # already round: unchanged
+    low, high = outward_range(-3.21, 5.7)
+    assert low <= -3.21 and high >= 5.7
