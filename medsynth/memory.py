@@ -3,8 +3,8 @@
 A formula cannot be trusted for this: oneDNN's workspaces, the allocator's caching, autocast's
 copies of the weights and PyTorch's own libraries all count, and none is in a parameter count. So
 the figure comes from running the real thing once, in a child process that does nothing else:
-one `Trainer` step (D and G updates, R1, the EMA) at the configured shape, width, batch and
-precision, on random volumes, or one sampling batch of the generator.
+`Trainer` steps (D and G updates, R1, the EMA), a checkpoint and a preview at the configured
+shape, width, batch and precision, on random volumes; or one sampling batch of the generator.
 
 - CUDA: `torch.cuda.max_memory_allocated` after the step (what the caching allocator handed out),
   against the device's free memory.
@@ -12,12 +12,12 @@ precision, on random volumes, or one sampling batch of the generator.
   memory the machine has available (`MemAvailable`, or a cgroup's limit if lower).
 
 A real run's memory is the probe's plus the volumes it memory-maps from the cache (counted apart,
-`PlannedMemory.cache_bytes`: the page cache holds them and the kernel can drop them) and, while it
-writes a checkpoint or a preview, a little more. Training records its own peak
-(`metrics.jsonl`, `peak_memory_mb`), so the two can be compared.
+`PlannedMemory.cache_bytes`: resident once read, though the kernel can drop them). Training
+records its own peak (`metrics.jsonl`, `peak_memory_mb`), so the two can be compared
+(benchmarks/memory.py does).
 
-`estimate_step_bytes` is a cheap screen, not a figure: activations counted by a forward pass on
-the meta device, so `train` can skip the probe where memory is plainly ample.
+`estimate_step_bytes` is a cheap screen, not a figure: the architecture's weights and layer
+outputs counted by arithmetic, so `train` can skip the probe where memory is plainly ample.
 """
 
 from __future__ import annotations
