@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -69,10 +70,15 @@ def real_run(data: Path, size: int, batch: int, steps: int, volumes: int, overri
     command = [sys.executable, "-m", "medsynth", "train", str(subset), "-o", str(run), "--config"]
     command += [str(ROOT / "configs" / "brain-mri-64.yaml")] + [w for s in settings for w in ("--set", s)]
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     subprocess.run(command, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
-        "peak_bytes": max(r["peak_memory_mb"] for r in records) * 2**20,
+        # The whole process's peak, as `/usr/bin/time` reports it (the final checkpoint and
+        # preview included); runs must come before any probe in this process, smallest first.
+        "peak_bytes": after * 1024 if after > before else None,
+        "logged_peak_bytes": max(r["peak_memory_mb"] for r in records) * 2**20,  # over logged steps only
         "plan": Plan.load(run / "plan.json"),
         "seconds": time.perf_counter() - start,
     }
@@ -88,7 +94,15 @@ def main() -> None:
     parser.add_argument("--real-volumes", type=int, default=8)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--real-only",
+        action="store_true",
+        help="only the real runs, each against a probe at its batch (what the dry run measures)",
+    )
     args = parser.parse_args()
+    if args.real_only:
+        real_only(args)
+        return
 
     print(f"machine: {machine_description(torch.device('cpu'))}")
     print(f"memory available now: {memory.describe_bytes(memory.available_bytes('cpu'))}")
@@ -175,6 +189,39 @@ def main() -> None:
         print(f"| {size}³ | {memory.describe_bytes(sample['peak_bytes'])} | {compare} |")
     if args.out:
         args.out.write_text(json.dumps({"machine": machine_description(torch.device("cpu")), "rows": rows}, indent=1))
+
+
+def real_only(args) -> None:
+    """Real runs first (their process peaks read from RUSAGE_CHILDREN, so before any probe), then
+    the probe a dry run makes at each run's batch."""
+    print(f"machine: {machine_description(torch.device('cpu'))}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="medsynth-memory-") as tmp:
+        for size in sorted(args.sizes):
+            real = real_run(
+                args.data, size, args.real_batch, args.real_steps, args.real_volumes, args.overrides, Path(tmp)
+            )
+            rows.append({"size": size, **{k: v for k, v in real.items() if k != "plan"}, "plan": real["plan"]})
+    for row in rows:
+        size = row["size"]
+        config = load_config(
+            ROOT / "configs" / "brain-mri-64.yaml", [f"plan.target_shape=[{size},{size},{size}]", *args.overrides]
+        )
+        plan = row.pop("plan")
+        probe = memory.probe(config, plan, "train", "cpu", "bf16" if _bf16(config) else "off", args.real_batch)
+        row["dry_run_bytes"] = probe.peak_bytes + memory.cache_bytes(plan, args.real_volumes)
+        print(json.dumps(row), flush=True)
+    print(
+        "\n| size | batch | dry run: the step + the cache | real run's process peak | ratio | real run, peak over logged steps |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        peak = row["peak_bytes"]
+        ratio = f"{row['dry_run_bytes'] / peak:.2f}" if peak else "-"
+        print(
+            f"| {row['size']}³ | {args.real_batch} | {memory.describe_bytes(row['dry_run_bytes'])} | "
+            f"{memory.describe_bytes(peak) if peak else '-'} | {ratio} | {memory.describe_bytes(row['logged_peak_bytes'])} |"
+        )
 
 
 def _bf16(config) -> bool:
