@@ -61,6 +61,9 @@ class MemoryProbe:
     batch_size: int
     amp: str  # "off" or "bf16"
     peak_bytes: int  # CUDA: max_memory_allocated; CPU: the child's peak resident memory
+    # The peak over the training steps alone, before the checkpoint and preview (sampling: the
+    # peak). The steps grow with the batch; writing a checkpoint and a preview barely does.
+    step_peak_bytes: int
     baseline_bytes: int  # before any model existed: PyTorch's own footprint on CPU, 0 on CUDA
     seconds: float  # median wall time of the step or batch
 
@@ -208,6 +211,7 @@ def _measure(request: dict[str, Any]) -> MemoryProbe:
             trainer = random_volume_trainer(config, plan, Runtime(device=device), Path(tmp))
             try:
                 seconds = median_seconds(trainer.train_step, request["steps"], device)
+                step_peak = peak_bytes(device)
                 trainer.save()  # a checkpoint (with the EMA's BatchNorm recalibration) and a
                 trainer.preview()  # preview happen in every run: their transient peaks count too
             finally:
@@ -225,8 +229,11 @@ def _measure(request: dict[str, Any]) -> MemoryProbe:
             generate_pairs(generator, latents, device, plan.label_values, codes)
 
         seconds = median_seconds(one_batch, request["steps"], device)
-    peak = peak_bytes(device)
-    return MemoryProbe(request["kind"], str(device), batch, request["amp"], int(peak), int(baseline), float(seconds))
+        step_peak = peak_bytes(device)
+    return MemoryProbe(
+        request["kind"], str(device), batch, request["amp"], int(peak_bytes(device)), int(step_peak), int(baseline),
+        float(seconds),
+    )  # fmt: skip
 
 
 def random_volume_trainer(config, plan, runtime, folder: Path):
@@ -310,13 +317,16 @@ def predicted_bytes(probes: list[MemoryProbe], batch: int) -> int:
     """A training step's peak at `batch`, on the straight line through the measured batches:
     activations grow with the batch, on top of weights, optimiser states and libraries. From one
     measurement only, everything above PyTorch's own footprint is counted as growing (pessimistic)."""
-    points = sorted({(p.batch_size, p.peak_bytes, p.baseline_bytes) for p in probes})
+    points = sorted({(p.batch_size, p.step_peak_bytes, p.baseline_bytes) for p in probes})
     if len(points) == 1:
         b0, m0, base = points[0]
-        return int(base + (m0 - base) * batch / b0)
-    (b0, m0, _), (b1, m1, _) = points[0], points[-1]
-    per_volume = max((m1 - m0) / (b1 - b0), 0.0)
-    return int(m0 + per_volume * (batch - b0))
+        steps = base + (m0 - base) * batch / b0
+    else:
+        (b0, m0, _), (b1, m1, _) = points[0], points[-1]
+        steps = m0 + max((m1 - m0) / (b1 - b0), 0.0) * (batch - b0)
+    # The checkpoint and preview of a run at this batch need at least what they did at a smaller one.
+    writing = max((p.peak_bytes for p in probes if p.batch_size <= batch), default=0)
+    return int(max(steps, writing))
 
 
 def largest_fitting_batch(probes: list[MemoryProbe], budget: int, pack: int, largest: int = 64) -> int | None:

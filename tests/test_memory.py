@@ -17,8 +17,9 @@ from medsynth.runs import RunRefused, train_run
 MIB = 1024**2
 
 
-def _probe(batch: int, peak_mib: float, baseline_mib: float = 200) -> MemoryProbe:
-    return MemoryProbe("train", "cpu", batch, "off", int(peak_mib * MIB), int(baseline_mib * MIB), 0.1)
+def _probe(batch: int, peak_mib: float, baseline_mib: float = 200, step_peak_mib: float | None = None) -> MemoryProbe:
+    step = peak_mib if step_peak_mib is None else step_peak_mib
+    return MemoryProbe("train", "cpu", batch, "off", int(peak_mib * MIB), int(step * MIB), int(baseline_mib * MIB), 0.1)
 
 
 def test_the_line_through_two_measured_batches_predicts_the_others():
@@ -29,6 +30,14 @@ def test_the_line_through_two_measured_batches_predicts_the_others():
     assert memory.largest_fitting_batch(probes, 600 * MIB, pack=2) == 16
     assert memory.largest_fitting_batch(probes, 250 * MIB, pack=2) is None
     assert memory.largest_fitting_batch(probes, 10_000 * MIB, pack=2, largest=24) == 16  # the data's limit
+
+
+def test_the_line_follows_the_steps_and_a_checkpoints_peak_is_a_floor():
+    """At small batches writing the checkpoint and preview can set the peak; the line through the
+    batches must follow the steps' own peaks, or it predicts large batches too low."""
+    probes = [_probe(2, 600, step_peak_mib=400), _probe(4, 610, step_peak_mib=500)]  # 50 MiB a volume
+    assert memory.predicted_bytes(probes, 8) == pytest.approx(700 * MIB, rel=1e-6)
+    assert memory.predicted_bytes(probes, 4) == pytest.approx(610 * MIB, rel=1e-6)  # the writing, not 500
 
 
 def test_one_measurement_counts_everything_above_pytorch_as_growing():
@@ -45,7 +54,8 @@ def _fake_probes(monkeypatch, per_volume_mib: float, fixed_mib: float = 300) -> 
 
     def fake(config, plan, kind, device, amp, batch_size, steps=2):
         measured.append(batch_size) if kind == "train" else None
-        return MemoryProbe(kind, device, batch_size, amp, int((fixed_mib + per_volume_mib * batch_size) * MIB), 0, 0.1)
+        peak = int((fixed_mib + per_volume_mib * batch_size) * MIB)
+        return MemoryProbe(kind, device, batch_size, amp, peak, peak, 0, 0.1)
 
     monkeypatch.setattr(memory, "probe", fake)
     return measured
