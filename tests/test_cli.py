@@ -64,7 +64,8 @@ def test_inspect_real_ixi_reports_139_volumes_and_a_sensible_plan(run_cli, share
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("folder", ["dicom", "nifti", "train/hippocampus", "."])
+# "." walks every folder of the shared data at once (a minute on 2 cores): slow; the others run by default.
+@pytest.mark.parametrize("folder", ["dicom", "nifti", "train/hippocampus", pytest.param(".", marks=pytest.mark.slow)])
 def test_inspect_every_real_folder_without_a_traceback(run_cli, shared_data, folder):
     code, out, err = run_cli("inspect", shared_data / folder)
     assert code == 0, err

@@ -97,6 +97,7 @@ def _plan(shape=(16, 16, 16)):
     )
 
 
+@pytest.mark.slow  # the dry-run test runs the same probes by default
 def test_the_probe_measures_a_real_step_in_a_child_process():
     """One real step of the tiny model: a peak above PyTorch's own footprint, and the step's time."""
     result = memory.probe(tiny_config(), _plan(), "train", "cpu", "off", 2, steps=1)

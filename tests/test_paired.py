@@ -405,6 +405,7 @@ def test_preview_draws_each_label_in_its_colour_over_the_greyscale_slices():
     assert (~grey).sum() < grey.sum()  # labels tint only the cube
 
 
+@pytest.mark.slow  # a full evaluation of a paired run (about 15 s)
 def test_evaluate_reads_paired_samples_as_images_not_their_label_maps(run_cli, paired_run, tmp_path):
     """`evaluate --synthetic` on a folder of pairs judges the images; the label maps beside them
     must not count as more synthetic volumes."""

@@ -106,6 +106,7 @@ def test_no_sources_is_a_plan_error():
         summarise([])
 
 
+@pytest.mark.slow  # test_cli's IXI inspect checks the same plan by default
 @pytest.mark.realdata
 def test_real_ixi_plan(shared_data):
     from medsynth.config import Config
