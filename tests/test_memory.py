@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import CONFIGS, cpu_runtime, tiny_config
+from test_labels import a_plan
 
 from medsynth import memory
 from medsynth.memory import MemoryProbe
@@ -82,19 +83,7 @@ def test_auto_takes_the_largest_batch_that_fits_and_measures_it(monkeypatch):
 
 
 def _plan(shape=(16, 16, 16)):
-    from medsynth.plan import Plan
-
-    return Plan(
-        modality="mr",
-        target_shape=shape,
-        spacing=(1.0, 1.0, 1.0),
-        deoblique=True,
-        intensity_mode="percentile",
-        window=(0.0, 1000.0),
-        percentiles=(0.5, 99.5),
-        output_dtype="float32",
-        n_sources=1,
-    )
+    return a_plan(shape)  # test_labels' minimal MR plan
 
 
 @pytest.mark.slow  # the dry-run test runs the same probes by default
