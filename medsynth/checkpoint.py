@@ -23,7 +23,7 @@ from medsynth.atomic import atomic_write
 from medsynth.conditions import ConditionSpec
 from medsynth.config import config_from_dict
 from medsynth.errors import MedsynthError, one_line_reason
-from medsynth.models import Generator3d, label_class_count
+from medsynth.models import Generator3d, build_generator, label_class_count
 
 FORMAT = "medsynth-checkpoint"
 # 2: the samples' affine moved from the checkpoint's top level into the plan (`output_affine`).
@@ -170,7 +170,7 @@ def generator_from_checkpoint(payload: Checkpoint, use_ema: bool = True) -> Gene
     shape = tuple(payload["plan"]["target_shape"])
     label_classes = label_class_count(payload["plan"].get("label_values"))
     conditions = ConditionSpec.of(payload["plan"].get("conditions"))
-    generator = Generator3d(config.model, shape, label_classes, conditions)  # type: ignore[arg-type]
+    generator = build_generator(config.model, shape, label_classes, conditions)  # type: ignore[arg-type]
     state = payload.get("generator_ema") if use_ema and payload.get("generator_ema") else payload["generator"]
     generator.load_state_dict(state)
     return generator.eval()

@@ -276,6 +276,13 @@ class ModelConfig:
     # embedding setting the gain and bias of every generator BatchNorm (de Vries et al. 2017, as
     # in BigGAN), so the condition reaches every scale. Measured on IXI (docs/results.md).
     condition_generator: Literal["input", "batchnorm"] = "input"
+    # High resolution in less memory (medsynth.hierarchical, in the spirit of HA-GAN, Sun et al.
+    # 2022). 0: the plain generator. N (a power of two, at least 2): G's trunk makes features at a
+    # quarter of the resolution for the whole volume; in training a low-resolution head makes the
+    # whole volume at 1/4 and the full-resolution head only one slab, 1/N of the last axis, at a
+    # random place, and D judges both. Sampling runs the full-resolution head over all N slabs,
+    # which join without seams by construction.
+    hierarchical_slabs: int = 0
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or self.max_channels < self.base_channels:
@@ -288,6 +295,11 @@ class ModelConfig:
             raise ConfigError(f"model.pack must be at least 1, got {self.pack}")
         if not _is_power_of_two(self.base_grid) or not 2 <= self.base_grid <= 16:
             raise ConfigError(f"model.base_grid must be a power of two from 2 to 16, got {self.base_grid}")
+        if self.hierarchical_slabs and (self.hierarchical_slabs < 2 or not _is_power_of_two(self.hierarchical_slabs)):
+            raise ConfigError(
+                f"model.hierarchical_slabs must be 0 (the plain generator) or a power of two from 2, "
+                f"got {self.hierarchical_slabs}"
+            )
 
 
 @dataclass(frozen=True)
@@ -398,6 +410,11 @@ class Config:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of model.pack ({self.model.pack}): "
                 "D judges packs of model.pack volumes"
+            )
+        if self.model.hierarchical_slabs and self.loss.name == "wgan_gp":
+            raise ConfigError(
+                "model.hierarchical_slabs does not work with loss.name=wgan_gp: its penalty interpolates "
+                "whole volumes, and the hierarchical model never makes one in training"
             )
         if self.plan.target_shape != "auto" and min(self.plan.target_shape) < 2 * self.model.base_grid:
             raise ConfigError(

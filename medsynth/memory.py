@@ -217,10 +217,10 @@ def _measure(request: dict[str, Any]) -> MemoryProbe:
             finally:
                 trainer.metrics.close()
     else:
-        from medsynth.models import Generator3d, label_class_count
+        from medsynth.models import build_generator, label_class_count
         from medsynth.sample import generate_pairs
 
-        generator = Generator3d(config.model, plan.target_shape, label_class_count(plan.label_values), conditions)
+        generator = build_generator(config.model, plan.target_shape, label_class_count(plan.label_values), conditions)
         generator = generator.to(device).eval()
         latents = torch.randn(batch, config.model.latent_dim)
         codes = torch.zeros(batch, conditions.width) if conditions else None

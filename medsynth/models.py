@@ -365,6 +365,14 @@ class Generator3d(nn.Module):
                 module.initialise_icnr()
 
     def forward(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        x, _ = self._features(z, codes, doublings=len(self.blocks) // 3)  # (B, base_channels, X/2, Y/2, Z/2)
+        return self._to_output(x)
+
+    def _features(
+        self, z: torch.Tensor, codes: torch.Tensor | None, doublings: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z (B, latent_dim) -> the features after the projection and the first `doublings` blocks,
+        and the condition embedding (B, CONDITION_EMBEDDING) or None."""
         embedded = None
         if self.condition is not None:
             if codes is None:
@@ -374,13 +382,21 @@ class Generator3d(nn.Module):
             z = torch.cat([z, embedded.to(z.dtype)], dim=1)  # (B, latent_dim + embedding)
         x = self.project(z).view(z.shape[0], self.base_channels, *self.base_shape)  # (B, C, x/2^n, y/2^n, z/2^n)
         x = torch.relu(self._norm(self.project_norm, x, embedded))
-        for start in range(0, len(self.blocks), 3):  # (upsampling, norm, ReLU) per doubling
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(
-                    self._block, start, x, embedded, use_reentrant=False, context_fn=self._recompute_context(start)
-                )
-            else:
-                x = self._block(start, x, embedded)  # ends (B, base_channels, X/2, Y/2, Z/2)
+        for start in range(0, 3 * doublings, 3):  # (upsampling, norm, ReLU) per doubling
+            x = self._run_block(start, x, embedded)  # (B, C', 2x, 2y, 2z)
+        return x, embedded
+
+    def _run_block(self, start: int, x: torch.Tensor, embedded: torch.Tensor | None) -> torch.Tensor:
+        """The doubling whose layers start at `start` in `blocks`, checkpointed when asked."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(
+                self._block, start, x, embedded, use_reentrant=False, context_fn=self._recompute_context(start)
+            )
+        return self._block(start, x, embedded)
+
+    def _to_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The last doubling's features (B, base_channels, X/2, Y/2, Z/2) -> the volume, with its
+        label channels for a paired model."""
         if not self.label_classes:
             return torch.tanh(self.to_volume(x))  # (B, 1, X, Y, Z)
         out = self.to_volume(x)  # (B, 1 + K, X, Y, Z): the image, then one logit per class
@@ -444,7 +460,10 @@ class Discriminator3d(nn.Module):
         shape: tuple[int, int, int],
         label_classes: int = 0,
         conditions: ConditionSpec | None = None,
+        channels_per_volume: int | None = None,
     ):
+        """`channels_per_volume`: what D reads per volume, where that is not the image and its
+        label channels (1 + K): the hierarchical model's detail view, a slab and its context."""
         super().__init__()
         stages = stage_count(tuple(shape), config.base_grid)
         channels = channels_per_stage(config, stages)
@@ -452,7 +471,15 @@ class Discriminator3d(nn.Module):
         wrap = nn.utils.parametrizations.spectral_norm if config.spectral_norm else (lambda module: module)
         layers: list[nn.Module] = [
             # No norm on the first layer. PacGAN stacks `pack` volumes as input channels.
-            wrap(nn.Conv3d(config.pack * (1 + label_classes), channels[0], kernel_size=4, stride=2, padding=1)),
+            wrap(
+                nn.Conv3d(
+                    config.pack * (channels_per_volume or 1 + label_classes),
+                    channels[0],
+                    kernel_size=4,
+                    stride=2,
+                    padding=1,
+                )
+            ),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         for i in range(1, stages):
@@ -517,13 +544,29 @@ def sample_latent(
     raise ValueError(f"unknown latent prior {prior!r}")
 
 
+def build_generator(
+    config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0, conditions: ConditionSpec | None = None
+) -> Generator3d:
+    """The generator the config asks for: the plain one, or with `model.hierarchical_slabs` the
+    hierarchical one (medsynth.hierarchical), which takes the same z and makes the same volume."""
+    if config.hierarchical_slabs:
+        from medsynth.hierarchical import HierarchicalGenerator3d, check_hierarchical
+
+        check_hierarchical(config, shape, label_classes, conditions)
+        return HierarchicalGenerator3d(config, shape)
+    return Generator3d(config, shape, label_classes, conditions)
+
+
 def build_models(
     config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0, conditions: ConditionSpec | None = None
-) -> tuple[Generator3d, Discriminator3d]:
-    return (
-        Generator3d(config, shape, label_classes, conditions),
-        Discriminator3d(config, shape, label_classes, conditions),
-    )
+) -> tuple[Generator3d, nn.Module]:
+    """G and D for the config and the plan's shape, label classes and conditions."""
+    generator = build_generator(config, shape, label_classes, conditions)
+    if config.hierarchical_slabs:
+        from medsynth.hierarchical import HierarchicalDiscriminator3d
+
+        return generator, HierarchicalDiscriminator3d(config, shape)
+    return generator, Discriminator3d(config, shape, label_classes, conditions)
 
 
 def parameter_count(module: nn.Module) -> int:

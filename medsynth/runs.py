@@ -405,7 +405,15 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
     generator, discriminator = build_models(config.model, plan.target_shape, label_classes, conditions)
     z = torch.zeros(1, config.model.latent_dim)
     volume = torch.zeros(1, config.model.pack * (1 + label_classes), *plan.target_shape)
-    if conditions:  # unknown conditions: the codes' values do not change the count
+    if config.model.hierarchical_slabs:  # a training step's views (medsynth.hierarchical), not whole volumes
+        from medsynth.hierarchical import FEATURE_SCALE, slab_depth
+
+        shape, pack = plan.target_shape, config.model.pack
+        low = torch.zeros(1, pack, *(n // FEATURE_SCALE for n in shape))
+        detail = torch.zeros(1, 2 * pack, *shape[:2], slab_depth(shape, config.model.hierarchical_slabs))
+        g_flops = forward_flops(generator, (z, None, 0))
+        d_flops = forward_flops(discriminator, (low, detail)) / pack
+    elif conditions:  # unknown conditions: the codes' values do not change the count
         codes = torch.zeros(1, conditions.width)
         g_flops = forward_flops(generator, (z, codes))
         d_flops = forward_flops(discriminator, (volume, codes.expand(config.model.pack, -1)[None])) / config.model.pack

@@ -61,6 +61,7 @@ from medsynth.diffaug import diff_augment
 from medsynth.distributed import Runtime, any_rank, sum_over_ranks
 from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
+from medsynth.hierarchical import SlabViews, discriminator_inputs, real_views, slab_starts
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.memory import peak_bytes
 from medsynth.metrics import MetricsLog
@@ -192,6 +193,9 @@ class Trainer:
         self.conditions = ConditionSpec.of(plan.conditions)
         if bool(self.conditions) != (condition_codes is not None):
             raise ValueError("condition codes are needed exactly when the plan has conditions")
+        # The hierarchical model (medsynth.hierarchical): G makes views, not whole volumes, in training.
+        self.slabs = config.model.hierarchical_slabs
+        self.hierarchical = bool(self.slabs)
         torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
         generator, discriminator = build_models(config.model, plan.target_shape, self.label_classes, self.conditions)
         memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
@@ -346,7 +350,11 @@ class Trainer:
         return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
 
     def run_discriminator(
-        self, volumes: torch.Tensor, discriminator: nn.Module, codes: torch.Tensor | None = None
+        self,
+        volumes: torch.Tensor | SlabViews,
+        discriminator: nn.Module,
+        codes: torch.Tensor | None = None,
+        slab_start: int | None = None,
     ) -> torch.Tensor:
         """Everything D judges passes here, so every D call sees the same transforms: adaptive
         augmentation and DiffAugment's random, differentiable transforms (when configured), then packs of `model.pack` volumes
@@ -356,7 +364,24 @@ class Trainer:
         losses. The augmentations move a pair's label channels with its image and change only the
         image's intensities (ada.py, diffaug.py). `codes` (B, width), a conditional model's: each
         volume's conditions, which no augmentation changes, packed as its volume is.
+
+        The hierarchical model's D judges views (medsynth.hierarchical): G's `SlabViews`, or real
+        volumes cut into the same views with the slab at `slab_start`, the fakes' -> logits
+        (2B / pack,), the low-resolution part's and then the detail part's.
         """
+        if self.hierarchical:
+            # Two views, each augmented and packed as a whole volume would be; one D call for both.
+            views = volumes if isinstance(volumes, SlabViews) else real_views(volumes, slab_start, self.slabs)
+            low, detail = discriminator_inputs(views)  # (B, 1, X/4, Y/4, Z/4), (B, 2, X, Y, s)
+            return discriminator(self._augment_and_pack(low), self._augment_and_pack(detail)).float()  # (2B / pack,)
+        volumes = self._augment_and_pack(volumes)  # (B / pack, pack · C, X, Y, Z)
+        if codes is None:
+            return discriminator(volumes).float()  # (B / pack,)
+        codes = codes.reshape(volumes.shape[0], self.config.model.pack, codes.shape[1])  # (B / pack, pack, width)
+        return discriminator(volumes, codes).float()  # (B / pack,)
+
+    def _augment_and_pack(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> augmented and packed, (B / pack, pack · C, X, Y, Z)."""
         volumes = volumes.contiguous(memory_format=self.memory_format)
         if self.ada is not None:
             volumes = self.ada.augment(volumes, self.augment_rng, self.label_classes)
@@ -367,10 +392,7 @@ class Trainer:
             batch, channels, *spatial = volumes.shape
             # A pack's volumes side by side, each with its own label channels.
             volumes = volumes.reshape(batch // pack, pack * channels, *spatial)  # (B / pack, pack · C, X, Y, Z)
-        if codes is None:
-            return discriminator(volumes).float()  # (B / pack,)
-        codes = codes.reshape(volumes.shape[0], pack, codes.shape[1])  # (B / pack, pack, width)
-        return discriminator(volumes, codes).float()  # (B / pack,)
+        return volumes
 
     def update_discriminator(
         self,
@@ -394,8 +416,9 @@ class Trainer:
         if r1:
             # R1 differentiates D's output w.r.t. the whole input: the image and its label channels.
             real = real.detach().requires_grad_(True)
+        slab_start = fake.start if self.hierarchical else None  # the real slab is cut where the fake one is
         with self._autocast():
-            real_logits = self.run_discriminator(real, discriminator, codes)  # (B / pack,)
+            real_logits = self.run_discriminator(real, discriminator, codes, slab_start)  # (B / pack,)
             fake_logits = self.run_discriminator(fake, discriminator, codes)  # (B / pack,)
         loss = discriminator_loss(loss_config.name, real_logits, fake_logits)
         extra: dict[str, float] = {}
@@ -425,8 +448,13 @@ class Trainer:
         }
 
     def _generate(self, generator: nn.Module, batch: int, codes: torch.Tensor | None) -> torch.Tensor:
-        """`generator` on fresh noise (at `codes`, for a conditional model): (B, 1 + K, X, Y, Z)."""
+        """`generator` on fresh noise (at `codes`, for a conditional model): (B, 1 + K, X, Y, Z);
+        the hierarchical model's: its views, with the slab at a random place."""
         z = self._noise(batch)
+        if self.hierarchical:
+            starts = slab_starts(self.plan.target_shape, self.slabs)
+            start = starts[int(torch.randint(len(starts), (1,), generator=self.latent_rng, device=self.device))]
+            return SlabViews(*generator(z, slab_start=start), start)
         return generator(z) if codes is None else generator(z, codes)
 
     def generate_for_update(self, batch: int, codes: torch.Tensor | None = None) -> torch.Tensor:
