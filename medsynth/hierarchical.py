@@ -60,6 +60,9 @@ class SlabViews(NamedTuple):
     def float(self) -> SlabViews:
         return SlabViews(self.low.float(), self.slab.float(), self.start)
 
+    def requires_grad_(self, requires_grad: bool = True) -> SlabViews:
+        return SlabViews(self.low.requires_grad_(requires_grad), self.slab.requires_grad_(requires_grad), self.start)
+
 
 def check_hierarchical(
     config: ModelConfig, shape: tuple[int, int, int], label_classes: int = 0, conditions: ConditionSpec | None = None
@@ -103,7 +106,7 @@ def real_views(volumes: torch.Tensor, start: int, slabs: int) -> SlabViews:
     volume reaches both."""
     depth = slab_depth(volumes.shape[2:], slabs)
     low = F.avg_pool3d(volumes, FEATURE_SCALE)  # (B, 1, X/4, Y/4, Z/4)
-    return SlabViews(low, volumes[..., start : start + depth], start)
+    return SlabViews(low, volumes[..., start : start + depth].contiguous(), start)  # a copy: the whole may go
 
 
 def discriminator_inputs(views: SlabViews) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ its gradient strong early on, when D rejects every sample.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,13 @@ def generator_loss(name: str, fake_logits: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
 
-def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """gamma-free R1: E ||grad_x D(x)||^2 on real data. `real` must require grad."""
-    (gradient,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    return gradient.pow(2).flatten(1).sum(1).mean()
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+    """gamma-free R1: E ||grad_x D(x)||^2 on real data. `real` must require grad: one tensor, or
+    the tensors of a tuple of inputs D reads together (the hierarchical model's views, whose
+    gradients make one vector per sample)."""
+    inputs = [real] if isinstance(real, torch.Tensor) else [part for part in real if isinstance(part, torch.Tensor)]
+    gradients = torch.autograd.grad(real_logits.sum(), inputs, create_graph=True)
+    return torch.stack([g.pow(2).flatten(1).sum(1) for g in gradients]).sum(0).mean()
 
 
 def gradient_penalty(

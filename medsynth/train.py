@@ -350,11 +350,7 @@ class Trainer:
         return sample_latent(batch, c.model.latent_dim, c.loss.latent_prior, self.latent_rng, self.device)
 
     def run_discriminator(
-        self,
-        volumes: torch.Tensor | SlabViews,
-        discriminator: nn.Module,
-        codes: torch.Tensor | None = None,
-        slab_start: int | None = None,
+        self, volumes: torch.Tensor | SlabViews, discriminator: nn.Module, codes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Everything D judges passes here, so every D call sees the same transforms: adaptive
         augmentation and DiffAugment's random, differentiable transforms (when configured), then packs of `model.pack` volumes
@@ -365,14 +361,12 @@ class Trainer:
         image's intensities (ada.py, diffaug.py). `codes` (B, width), a conditional model's: each
         volume's conditions, which no augmentation changes, packed as its volume is.
 
-        The hierarchical model's D judges views (medsynth.hierarchical): G's `SlabViews`, or real
-        volumes cut into the same views with the slab at `slab_start`, the fakes' -> logits
-        (2B / pack,), the low-resolution part's and then the detail part's.
+        The hierarchical model's D judges views (medsynth.hierarchical), `SlabViews`: G's, or real
+        volumes cut as G's are -> logits (2B / pack,), the low-resolution part's, then the detail part's.
         """
         if self.hierarchical:
             # Two views, each augmented and packed as a whole volume would be; one D call for both.
-            views = volumes if isinstance(volumes, SlabViews) else real_views(volumes, slab_start, self.slabs)
-            low, detail = discriminator_inputs(views)  # (B, 1, X/4, Y/4, Z/4), (B, 2, X, Y, s)
+            low, detail = discriminator_inputs(volumes)  # (B, 1, X/4, Y/4, Z/4), (B, 2, X, Y, s)
             return discriminator(self._augment_and_pack(low), self._augment_and_pack(detail)).float()  # (2B / pack,)
         volumes = self._augment_and_pack(volumes)  # (B / pack, pack · C, X, Y, Z)
         if codes is None:
@@ -412,13 +406,17 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 fake = self._generate(self.generator, real.shape[0], codes)  # (B, C, X, Y, Z), C = 1 + K
         fake = fake.detach().float()  # no graph back to G
+        batch = real.shape[0]
+        if self.hierarchical:
+            # Cut into the views D judges now, at the fake slab's place: R1 then differentiates what D
+            # sees, and the whole full-resolution batch is not kept for the penalty's graph.
+            real = real_views(real, fake.start, self.slabs)
         r1 = loss_config.r1_gamma > 0 and with_r1
         if r1:
             # R1 differentiates D's output w.r.t. the whole input: the image and its label channels.
             real = real.detach().requires_grad_(True)
-        slab_start = fake.start if self.hierarchical else None  # the real slab is cut where the fake one is
         with self._autocast():
-            real_logits = self.run_discriminator(real, discriminator, codes, slab_start)  # (B / pack,)
+            real_logits = self.run_discriminator(real, discriminator, codes)  # (B / pack,)
             fake_logits = self.run_discriminator(fake, discriminator, codes)  # (B / pack,)
         loss = discriminator_loss(loss_config.name, real_logits, fake_logits)
         extra: dict[str, float] = {}
@@ -437,7 +435,7 @@ class Trainer:
         self.opt_d.step()
         if self.ada is not None:
             self.ada.observe(real_logits)
-            self.ada.adjust(real.shape[0] * self.runtime.world_size, lambda *v: sum_over_ranks(self.runtime, v))
+            self.ada.adjust(batch * self.runtime.world_size, lambda *v: sum_over_ranks(self.runtime, v))
             extra["ada_p"] = self.ada.probability
         return {
             "loss_d": float(loss.detach()),

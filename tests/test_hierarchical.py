@@ -124,3 +124,27 @@ def test_shapes_and_runs_it_cannot_take_are_refused_naming_the_settings():
         build_models(config, (64, 64, 32))  # slabs of 4 voxels
     with pytest.raises(ConfigError, match="unlabeled, unconditional"):
         build_models(config, (64, 64, 64), label_classes=2)
+
+
+def test_every_discriminator_call_sees_views_and_the_real_slab_is_cut_where_the_fake_one_is(phantom_dir, tmp_path):
+    from medsynth.pipeline import prepare_dataset
+    from medsynth.train import Trainer
+
+    seen = []
+
+    class Recording(Trainer):
+        def run_discriminator(self, volumes, discriminator, codes=None):
+            assert isinstance(volumes, SlabViews)
+            seen.append(
+                (volumes.start, tuple(volumes.low.shape), tuple(volumes.slab.shape), volumes.slab.requires_grad)
+            )
+            return super().run_discriminator(volumes, discriminator, codes)
+
+    config = tiny(*SMALL, "loss.r1_gamma=1", "augment.diff_augment=translation,cutout")
+    prepared = prepare_dataset(phantom_dir, config, cache_dir=tmp_path / "cache")
+    trainer = Recording(config, prepared.plan, [e.path for e in prepared.entries], tmp_path / "run", CPU)
+    record = trainer.train_step()
+    assert "r1" in record
+    (real_start, *real), (fake_start, *fake), (g_start, *g) = seen  # D step: real (R1: grad), fake; G step
+    assert real_start == fake_start and real == [(2, 1, 4, 4, 4), (2, 1, 16, 16, 8), True]
+    assert fake == [(2, 1, 4, 4, 4), (2, 1, 16, 16, 8), False] and g[1] == (2, 1, 16, 16, 8)

@@ -221,13 +221,13 @@ def test_every_discriminator_call_sees_image_and_labels(prepared, tmp_path):
     seen = []
 
     class Recording(Trainer):
-        def run_discriminator(self, volumes, discriminator, codes=None, slab_start=None):
+        def run_discriminator(self, volumes, discriminator, codes=None):
             updating_d = next(discriminator.parameters()).requires_grad  # D is frozen in the G step
             labels = volumes[:, 1:].detach()
             binary = bool(((labels == 0) | (labels == 1)).all())
             one_hot = binary and bool(torch.equal(labels.sum(1), torch.ones_like(labels[:, 0])))
             seen.append((tuple(volumes.shape), updating_d, one_hot, volumes.requires_grad))
-            return super().run_discriminator(volumes, discriminator, codes, slab_start)
+            return super().run_discriminator(volumes, discriminator, codes)
 
     assert prepared.plan.label_values == LABEL_VALUES
     config = tiny("loss.name=wgan_gp", "loss.r1_gamma=1", "model.pack=2", "augment.diff_augment=translation,cutout")

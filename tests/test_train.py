@@ -255,10 +255,10 @@ def test_every_discriminator_call_goes_through_run_discriminator(prepared_phanto
     seen = []
 
     class Recording(Trainer):
-        def run_discriminator(self, volumes, discriminator, codes=None, slab_start=None):
+        def run_discriminator(self, volumes, discriminator, codes=None):
             updating_d = next(discriminator.parameters()).requires_grad  # D is frozen in the G step
             seen.append((tuple(volumes.shape), updating_d))
-            return super().run_discriminator(volumes, discriminator, codes, slab_start)
+            return super().run_discriminator(volumes, discriminator, codes)
 
     config = tiny("loss.name=wgan_gp", "loss.r1_gamma=1", "model.pack=2", "augment.diff_augment=translation")
     Recording(config, prepared_phantoms.plan, [e.path for e in prepared_phantoms.entries], tmp_path, CPU).train_step()
