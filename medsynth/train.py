@@ -482,12 +482,14 @@ class Trainer:
         shared = loss_config.share_fake and loss_config.d_steps_per_g == 1
         for i in range(loss_config.d_steps_per_g):
             real, codes = self._next_real()
+            batch = real.shape[0]
             # Counted from the step, so a resumed run puts R1 on the same updates.
             with_r1 = (self.step * loss_config.d_steps_per_g + i) % loss_config.r1_interval == 0
-            fake = self.generate_for_update(real.shape[0], codes) if shared else None
+            fake = self.generate_for_update(batch, codes) if shared else None
             record = self.update_discriminator(real, fake, with_r1=with_r1, codes=codes)
+            del real  # G's update needs only the batch size; at 256³ a real volume is 64 MiB
         if not shared:
-            fake = self.generate_for_update(real.shape[0], codes)
+            fake = self.generate_for_update(batch, codes)
         record.update(self.update_generator(fake, codes))
         update_ema(self.ema, self.generator, self.step, self.config.train.ema_decay)
         self.step += 1
@@ -588,17 +590,21 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         self._prepare_ema_for_use()
-        made = (
-            self.ema(self.preview_noise)
-            if self.preview_codes is None
-            else self.ema(self.preview_noise, self.preview_codes)
-        )
-        images, label_maps = split_pairs(made.float(), self.plan.label_values)
-        volumes = list(images.cpu().numpy())  # (X, Y, Z) each
-        labels = list(label_maps.cpu().numpy()) if label_maps is not None else None  # label values, (X, Y, Z) each
+        volumes, labels = [], []  # (X, Y, Z) each: the images, and the label maps' values of a paired model
+        for i in range(len(self.preview_noise)):  # one at a time: at 256³ each is 64 MiB, and more in the making
+            inputs = [self.preview_noise[i : i + 1]]  # (1, latent_dim)
+            if self.preview_codes is not None:
+                inputs.append(self.preview_codes[i : i + 1])  # (1, width)
+            image, label_map = split_pairs(self.ema(*inputs).float(), self.plan.label_values)
+            volumes.append(image[0].cpu().numpy())
+            if label_map is not None:
+                labels.append(label_map[0].cpu().numpy())
         folder = self.run_dir / "previews"
-        path = save_montage(folder / f"step_{self.step:08d}.png", volumes, labels=labels, spacing=self.plan.spacing)
-        save_montage(folder / "latest.png", volumes, labels=labels, spacing=self.plan.spacing)
+        labels_or_none = labels or None
+        path = save_montage(
+            folder / f"step_{self.step:08d}.png", volumes, labels=labels_or_none, spacing=self.plan.spacing
+        )
+        save_montage(folder / "latest.png", volumes, labels=labels_or_none, spacing=self.plan.spacing)
         return path
 
     def save_real_preview(self) -> None:
