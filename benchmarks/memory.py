@@ -3,6 +3,7 @@ a real run's peak.
 
     python benchmarks/memory.py [--sizes 64 128 256] [--batches 2 4 8] [--data DIR] [--real-steps 3]
                                 [--set key=value ...] [--out memory.json]
+    python benchmarks/memory.py --sizes 256 --batches 2 4 --compare hierarchical='model.hierarchical_slabs=8'
 
 For each size:
   * one training step measured by `medsynth.memory.probe` (a child process doing exactly what a
@@ -12,6 +13,8 @@ For each size:
     would start it, whose own peak (`peak_memory_mb` in metrics.jsonl: peak resident memory on a
     CPU) is set beside what `--dry-run` predicts for it (the step's probe plus the cache it maps),
     as a ratio.
+With --compare NAME='SETTINGS', each variant is probed beside the baseline at every size and
+batch instead, with ratios (e.g. the hierarchical model against the plain one at the same width).
 The brain preset's model (width 32, pack 2) unless --set says otherwise; batch 1 is not possible
 with pack 2. First says where it ran: CPU, cores, ISA, torch.
 """
@@ -19,6 +22,7 @@ with pack 2. First says where it ran: CPU, cores, ISA, torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -99,9 +103,20 @@ def main() -> None:
         action="store_true",
         help="only the real runs, each against a probe at its batch (what the dry run measures)",
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SETTINGS",
+        help="a variant (space-separated --set overrides) probed beside the baseline at every size and batch, "
+        "with the ratios: e.g. hierarchical='model.hierarchical_slabs=8'",
+    )
     args = parser.parse_args()
     if args.real_only:
         real_only(args)
+        return
+    if args.compare:
+        compare_variants(args)
         return
 
     print(f"machine: {machine_description(torch.device('cpu'))}")
@@ -222,6 +237,45 @@ def real_only(args) -> None:
             f"| {row['size']}³ | {args.real_batch} | {memory.describe_bytes(row['dry_run_bytes'])} | "
             f"{memory.describe_bytes(peak) if peak else '-'} | {ratio} | {memory.describe_bytes(row['logged_peak_bytes'])} |"
         )
+
+
+def compare_variants(args) -> None:
+    """The baseline (the brain preset with --set) and each --compare variant, probed one after
+    another at every size and batch: the run's peak (step, checkpoint and preview), the steps' own
+    peak, each above PyTorch's footprint, and the step time; ratios against the baseline."""
+    print(f"machine: {machine_description(torch.device('cpu'))}")
+    variants = [("baseline", [])] + [
+        (name, settings.split()) for name, settings in (item.split("=", 1) for item in args.compare)
+    ]
+    rows = []
+    for size in args.sizes:
+        plan = a_plan(size)
+        for batch in args.batches:
+            for name, settings in variants:
+                config = load_config(
+                    ROOT / "configs" / "brain-mri-64.yaml",
+                    [f"plan.target_shape=[{size},{size},{size}]", *args.overrides, *settings],
+                )
+                amp = "bf16" if _bf16(config) else "off"
+                probe = memory.probe(config, plan, "train", "cpu", amp, batch)
+                row = {"size": size, "batch": batch, "variant": name, "amp": amp, **dataclasses.asdict(probe)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(
+        "\n| size | batch | variant | run peak | steps' peak | above PyTorch (run) | ratio to baseline | step time | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["size"] == row["size"] and r["batch"] == row["batch"])
+        above = row["peak_bytes"] - row["baseline_bytes"]
+        base_above = base["peak_bytes"] - base["baseline_bytes"]
+        print(
+            f"| {row['size']}³ | {row['batch']} | {row['variant']} | {memory.describe_bytes(row['peak_bytes'])} | "
+            f"{memory.describe_bytes(row['step_peak_bytes'])} | {memory.describe_bytes(above)} | "
+            f"{above / base_above:.2f} | {row['seconds']:.1f} s | {row['seconds'] / base['seconds']:.2f} |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine_description(torch.device("cpu")), "rows": rows}, indent=1))
 
 
 def _bf16(config) -> bool:

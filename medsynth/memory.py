@@ -466,9 +466,11 @@ def refusal(planned: PlannedMemory, config) -> str:
     if planned.largest_batch is not None and asked != "auto":
         return f"{head}. train.batch_size={planned.largest_batch} would fit (--batch-size {planned.largest_batch}, or auto)"
     smallest = "" if asked == "auto" else f"; not even batch {config.model.pack} (one pack) fits"
+    # The hierarchical model trains a full-resolution grid in a fraction of the plain model's memory.
+    hierarchical = "" if config.model.hierarchical_slabs else ", model.hierarchical_slabs=8 (for 128³ and above)"
     return (
         f"{head}{smallest}. Use a smaller plan.target_shape (or a coarser plan.spacing), fewer "
-        "model.base_channels, or train.amp=bf16 where the device runs bf16 natively"
+        f"model.base_channels{hierarchical}, or train.amp=bf16 where the device runs bf16 natively"
     )
 
 
