@@ -713,6 +713,7 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
     rows = [
         ["volumes", f"{len(found.sources)} usable, {len(found.discovery.problems)} skipped"],
         ["volume shape", format_triple(sizes["volume_shape"], 0) + f" at {format_triple(plan.spacing)} mm"],
+        *_hierarchical_rows(settings, plan),
         [
             "generator",
             f"{sizes['generator_parameters']:,} parameters, {_flops(sizes['generator_gflops_per_volume'])} per volume",
@@ -757,6 +758,25 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
         from medsynth.runs import RunRefused
 
         raise RunRefused(memory.refusal(planned, settings))
+
+
+def _hierarchical_rows(settings, plan) -> list[list[str]]:
+    """The hierarchical model's views, when it is on: what a training step makes at full resolution."""
+    slabs = settings.model.hierarchical_slabs
+    if not slabs:
+        return []
+    from medsynth.hierarchical import FEATURE_SCALE, slab_depth
+    from medsynth.plan import format_triple
+
+    shape = plan.target_shape
+    slab = (*shape[:2], slab_depth(shape, slabs))
+    low = tuple(n // FEATURE_SCALE for n in shape)
+    return [
+        [
+            "hierarchical model",
+            f"{slabs} slabs of {format_triple(slab, 0)}: a step makes one, and the volume at {format_triple(low, 0)}",
+        ]
+    ]
 
 
 def _memory_rows(planned, settings) -> list[list[str]]:
