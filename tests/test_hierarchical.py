@@ -82,9 +82,9 @@ def test_a_hierarchical_run_trains_samples_whole_volumes_and_resumes_exactly(pha
 
     common = (*SMALL, "loss.r1_gamma=1", "augment.ada=true", "augment.ada_target=0.01", "augment.ada_interval=1")
     common += ("augment.ada_images_to_full=8", "train.checkpoint_every=100", "train.preview_every=100")
-    train_run(phantom_dir, tmp_path / "whole", tiny("train.max_steps=6", *common), CPU)
-    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=3", *common), CPU)
-    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=6", *common), CPU)
+    train_run(phantom_dir, tmp_path / "whole", tiny("train.max_steps=4", *common), CPU)
+    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=2", *common), CPU)
+    train_run(phantom_dir, tmp_path / "split", tiny("train.max_steps=4", *common), CPU)
     _assert_identical(_state(tmp_path / "whole"), _state(tmp_path / "split"))
 
     payload = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
@@ -96,6 +96,7 @@ def test_a_hierarchical_run_trains_samples_whole_volumes_and_resumes_exactly(pha
     assert volume.shape == (2, 1, 16, 16, 16) and torch.isfinite(volume).all()
 
 
+@pytest.mark.slow  # the resume test above builds the generator `sample` builds; this runs the command too
 def test_sample_writes_full_resolution_volumes_from_a_hierarchical_run(phantom_dir, tmp_path, run_cli):
     import nibabel as nib
 
