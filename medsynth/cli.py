@@ -765,12 +765,10 @@ def _hierarchical_rows(settings, plan) -> list[list[str]]:
     slabs = settings.model.hierarchical_slabs
     if not slabs:
         return []
-    from medsynth.hierarchical import FEATURE_SCALE, slab_depth
+    from medsynth.hierarchical import view_shapes
     from medsynth.plan import format_triple
 
-    shape = plan.target_shape
-    slab = (*shape[:2], slab_depth(shape, slabs))
-    low = tuple(n // FEATURE_SCALE for n in shape)
+    low, slab = view_shapes(plan.target_shape, slabs)
     return [
         [
             "hierarchical model",

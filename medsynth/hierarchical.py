@@ -74,8 +74,7 @@ def check_hierarchical(
             "model.hierarchical_slabs works with unlabeled, unconditional runs only (for now): "
             "drop --labels / --conditions or set model.hierarchical_slabs=0"
         )
-    depth = shape[-1] // slabs
-    low_shape = tuple(n // FEATURE_SCALE for n in shape)
+    low_shape, (*_, depth) = view_shapes(shape, slabs)
     if (
         shape[-1] % slabs
         or depth % FEATURE_SCALE
@@ -93,6 +92,11 @@ def check_hierarchical(
 
 def slab_depth(shape: tuple[int, ...], slabs: int) -> int:
     return shape[-1] // slabs
+
+
+def view_shapes(shape: tuple[int, ...], slabs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of what D judges for a volume shape: (the whole volume at 1/4, one slab)."""
+    return tuple(n // FEATURE_SCALE for n in shape), (*shape[:2], slab_depth(shape, slabs))
 
 
 def slab_starts(shape: tuple[int, ...], slabs: int) -> list[int]:
@@ -164,8 +168,7 @@ class HierarchicalDiscriminator3d(nn.Module):
 
     def __init__(self, config: ModelConfig, shape: tuple[int, int, int]):
         super().__init__()
-        low_shape = tuple(n // FEATURE_SCALE for n in shape)
-        slab_shape = (*shape[:2], slab_depth(shape, config.hierarchical_slabs))
+        low_shape, slab_shape = view_shapes(shape, config.hierarchical_slabs)
         self.low = Discriminator3d(config, low_shape)  # type: ignore[arg-type]
         self.detail = Discriminator3d(config, slab_shape, channels_per_volume=2)  # type: ignore[arg-type]
 

@@ -406,11 +406,11 @@ def describe_models(config: Config, plan: Plan) -> dict[str, Any]:
     z = torch.zeros(1, config.model.latent_dim)
     volume = torch.zeros(1, config.model.pack * (1 + label_classes), *plan.target_shape)
     if config.model.hierarchical_slabs:  # a training step's views (medsynth.hierarchical), not whole volumes
-        from medsynth.hierarchical import FEATURE_SCALE, slab_depth
+        from medsynth.hierarchical import view_shapes
 
-        shape, pack = plan.target_shape, config.model.pack
-        low = torch.zeros(1, pack, *(n // FEATURE_SCALE for n in shape))
-        detail = torch.zeros(1, 2 * pack, *shape[:2], slab_depth(shape, config.model.hierarchical_slabs))
+        pack = config.model.pack
+        low_shape, slab_shape = view_shapes(plan.target_shape, config.model.hierarchical_slabs)
+        low, detail = torch.zeros(1, pack, *low_shape), torch.zeros(1, 2 * pack, *slab_shape)
         g_flops = forward_flops(generator, (z, None, 0))
         d_flops = forward_flops(discriminator, (low, detail)) / pack
     elif conditions:  # unknown conditions: the codes' values do not change the count
