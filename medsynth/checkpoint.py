@@ -52,6 +52,10 @@ class GuardState(TypedDict):
     d_win_streak: int  # consecutive steps on which D has won outright
 
 
+class ClockState(TypedDict):
+    trained_seconds: float  # wall time spent training, summed over resumes (train.max_minutes)
+
+
 class PrecisionState(TypedDict):
     bf16: bool  # whether the run trains under bf16 autocast
     device_type: str  # "cpu" or "cuda": a resume on another kind of device chooses again
@@ -75,6 +79,7 @@ class TrainingState(TypedDict):
     guard: GuardState
     precision: PrecisionState  # absent from checkpoints written before it was recorded
     ada: NotRequired[AdaState]  # adaptive augmentation's probability and controller, when on
+    clock: NotRequired[ClockState]  # absent from checkpoints written before it was recorded
 
 
 class Checkpoint(TrainingState):

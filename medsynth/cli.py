@@ -233,6 +233,12 @@ def train(
     max_steps: int | None = typer.Option(
         None, "--max-steps", min=1, help="Generator updates to train to (train.max_steps)."
     ),
+    max_minutes: float | None = typer.Option(
+        None,
+        "--max-minutes",
+        min=0.001,
+        help="Training wall time to stop at, summed over resumes (train.max_minutes); the run ends at whichever limit comes first.",
+    ),
     batch_size: str | None = typer.Option(
         None,
         "--batch-size",
@@ -250,7 +256,9 @@ def train(
 
     settings = _load_config(config, set_, labels, conditions, class_folders)
     flags = {
-        k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "device": device}.items() if v is not None
+        k: v
+        for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "device": device}.items()
+        if v is not None
     }
     if flags:
         settings = _with_train_flags(settings, flags)

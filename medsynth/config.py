@@ -337,6 +337,12 @@ class TrainConfig:
     """Optimisation and the operational behaviour of a training run."""
 
     max_steps: int = 5000  # generator updates
+    # A budget of training wall time, summed over every resume of the run (preprocessing is not
+    # counted). The run stops at the first step past it, checkpoints and finishes as it would at
+    # max_steps: whichever comes first ends the run. For cluster jobs with a time limit, and for a
+    # recipe that should use an hour on whatever machine runs it. The step where a run stops then
+    # depends on the machine; resuming from any checkpoint stays exact.
+    max_minutes: float | None = None
     # Per process: m real volumes and m noise samples per update. "auto": the largest multiple of
     # model.pack (doubling, at most 64) that a measured step says fits this device's memory
     # (medsynth.memory); the run records the number it chose, and resumes with it.
@@ -378,6 +384,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be positive (or null for no time budget), got {self.max_minutes}")
         if self.lr_generator <= 0 or self.lr_discriminator <= 0:
             raise ConfigError("train learning rates must be positive")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):

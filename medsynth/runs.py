@@ -33,6 +33,7 @@ from medsynth.train import EventCallback, StepCallback, Trainer
 # Settings that may change when a run is resumed: they do not change what is being learnt.
 RESUMABLE_CHANGES = {
     "train.max_steps",
+    "train.max_minutes",
     "train.check_memory",
     "train.activation_checkpointing",
     "train.device",
@@ -147,6 +148,20 @@ def find_resume(run_dir: Path, config: Config, force: bool) -> tuple[dict[str, A
     return payload, config
 
 
+def finished_because(resume: dict[str, Any], config: Config) -> str | None:
+    """Why a saved run has nothing left to train under `config`, with how to train on; None if it has."""
+    train = config.train
+    if resume["step"] >= train.max_steps:
+        return f"train.max_steps = {train.max_steps}; raise --max-steps to train on"
+    trained = float(resume.get("clock", {}).get("trained_seconds", 0.0))
+    if train.max_minutes is not None and trained >= 60 * train.max_minutes:
+        return (
+            f"{trained / 60:.1f} minutes trained, train.max_minutes = {train.max_minutes:g}; "
+            "raise --max-minutes to train on"
+        )
+    return None
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -210,10 +225,9 @@ def train_run(
             clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        if resume["step"] >= config.train.max_steps:
-            say(
-                f"{run_dir} already finished at step {resume['step']} (train.max_steps = {config.train.max_steps}); raise --max-steps to train on"
-            )
+        finished = finished_because(resume, config)
+        if finished:
+            say(f"{run_dir} already finished at step {resume['step']} ({finished})")
             return RunResult(run_dir, int(resume["step"]), int(resume["step"]), 0, 0)
         say(f"resuming {run_dir} from step {resume['step']}")
         if init_from is not None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from medsynth.ada import AdaptiveAugment
 from medsynth.checkpoint import (
+    ClockState,
     GuardState,
     PrecisionState,
     RngState,
@@ -271,8 +272,14 @@ class Trainer:
         self.d_win_streak = 0
         self._real_iterator: Iterator[torch.Tensor] | None = None
         self.last_good_step: int | None = None
+        # The training clock (train.max_minutes): seconds trained in earlier sessions of this run,
+        # and when this session's training began. A rollback goes back in steps, not in time.
+        self._trained_before = 0.0
+        self._clock_start: float | None = None
+        self.out_of_time = False
         if resume is not None:
             self._restore(resume)
+            self._trained_before = float(resume.get("clock", {}).get("trained_seconds", 0.0))
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)
@@ -526,6 +533,7 @@ class Trainer:
             "data": {"epoch": self.position.epoch, "batch": self.position.batch},
             "guard": GuardState(rollbacks=self.rollbacks, d_win_streak=self.d_win_streak),
             "precision": PrecisionState(bf16=self.bf16, device_type=self.device.type),
+            "clock": ClockState(trained_seconds=self.trained_seconds()),
             **({"ada": self.ada.state()} if self.ada is not None else {}),
         }
 
@@ -664,10 +672,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        """Train to max_steps. Returns the final step. Raises TrainingStopped on a signal or guard stop."""
+        """Train to max_steps, or until train.max_minutes of training are spent. Returns the final
+        step. Raises TrainingStopped on a signal or guard stop."""
         with StopSignals() as stop, contextlib.closing(self.metrics):
             self._start()
-            while self.step < self.config.train.max_steps:
+            while self.step < self.config.train.max_steps and not self.out_of_time:
                 record = self.train_step()
                 if self._guard(record):
                     continue  # rolled back: the step is redone from the last checkpoint
@@ -678,6 +687,7 @@ class Trainer:
     def _start(self) -> None:
         """Clear what a killed run left behind; on a fresh run, the real preview and a step-0
         checkpoint, so the divergence guard always has somewhere to go back to."""
+        self._clock_start = time.perf_counter()
         if self.runtime.is_main:
             remove_interrupted_writes(self.run_dir / "checkpoints")
         if self.step == 0:
@@ -717,14 +727,28 @@ class Trainer:
         if self.step % train.log_every == 0:  # throughput over the last log window
             self._throughput_start, self._throughput_steps = time.perf_counter(), 0
 
+    def trained_seconds(self) -> float:
+        """Wall time spent training this run, over all its sessions (train.max_minutes)."""
+        session = time.perf_counter() - self._clock_start if self._clock_start is not None else 0.0
+        return self._trained_before + session
+
     def _end_of_step(self, stop: StopSignals) -> None:
-        """Checkpoint and preview on schedule; on a stop signal (on any rank), checkpoint and stop."""
+        """Checkpoint and preview on schedule, and at the end (max_steps or the time budget); on a
+        stop signal (on any rank), checkpoint and stop."""
         train = self.config.train
-        scheduled_checkpoint = self.step % train.checkpoint_every == 0 or self.step == train.max_steps
+        if train.max_minutes is not None:  # every rank stops at the same step
+            self.out_of_time = any_rank(self.runtime, self.trained_seconds() >= 60 * train.max_minutes)
+        finished = self.step == train.max_steps or self.out_of_time
+        scheduled_checkpoint = self.step % train.checkpoint_every == 0 or finished
         if scheduled_checkpoint:
             self.save()
-        if self.step % train.preview_every == 0 or self.step == train.max_steps:
+        if self.step % train.preview_every == 0 or finished:
             self.preview()
+        if self.out_of_time and self.step < train.max_steps:
+            self._event(
+                f"time budget spent: {train.max_minutes:g} minutes of training (train.max_minutes), "
+                f"finished at step {self.step}"
+            )
         if any_rank(self.runtime, stop.received is not None):
             if not scheduled_checkpoint:
                 self.save()

@@ -51,6 +51,8 @@ def test_round_trip_through_plain_data(tmp_path):
         ("cache.workers=two", "cache.workers must be an integer"),
         ("plan.ct_window=[100, -100]", "low < high"),
         ("noequals", "--set expects section.key=value"),
+        ("train.max_minutes=0", "train.max_minutes must be positive"),
+        ("train.max_minutes=an hour", "train.max_minutes must be float or null"),
     ],
 )
 def test_mistakes_are_named(override, message):

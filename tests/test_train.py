@@ -127,6 +127,26 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(phantom_dir, tmp_path, 
         assert max(r["ada_p"] for r in whole[:5]) > 0  # augmenting before the resume point
 
 
+def test_a_time_budget_ends_the_run_and_counts_over_resumes(phantom_dir, tmp_path):
+    """train.max_minutes: the run stops after the first step past the budget, checkpointed and
+    previewed as at max_steps; the clock is saved, so a resume under the same budget has nothing
+    left to do, and a larger budget trains on."""
+    said: list[str] = []
+    budget = ("train.max_steps=50", "train.max_minutes=0.0001")  # 6 ms: spent within the first step
+    result = train_run(phantom_dir, tmp_path / "run", tiny(*budget), CPU)
+    assert result.step == 1
+    payload = load_checkpoint(tmp_path / "run")
+    assert payload["step"] == 1 and payload["clock"]["trained_seconds"] >= 0.006
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001.pt").exists()
+    assert (tmp_path / "run" / "previews" / "step_00000001.png").exists()
+    again = train_run(phantom_dir, tmp_path / "run", tiny(*budget), CPU, on_message=said.append)
+    assert again.step == 1 and again.volumes == 0
+    assert any("already finished at step 1" in line and "--max-minutes" in line for line in said)
+    more = train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=3", "train.max_minutes=60"), CPU)
+    assert more.resumed_from == 1 and more.step == 3
+    assert load_checkpoint(tmp_path / "run")["clock"]["trained_seconds"] > payload["clock"]["trained_seconds"]
+
+
 def test_existing_run_with_other_settings_is_refused_unless_forced(phantom_dir, tmp_path):
     train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=2"), CPU)
     with pytest.raises(RunRefused, match="model.base_channels"):
