@@ -257,7 +257,12 @@ def train(
     settings = _load_config(config, set_, labels, conditions, class_folders)
     flags = {
         k: v
-        for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size, "device": device}.items()
+        for k, v in {
+            "max_steps": max_steps,
+            "max_minutes": max_minutes,
+            "batch_size": batch_size,
+            "device": device,
+        }.items()
         if v is not None
     }
     if flags:

@@ -385,7 +385,9 @@ class TrainConfig:
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"train.max_minutes must be positive (or null for no time budget), got {self.max_minutes}")
+            raise ConfigError(
+                f"train.max_minutes must be positive (or null for no time budget), got {self.max_minutes}"
+            )
         if self.lr_generator <= 0 or self.lr_discriminator <= 0:
             raise ConfigError("train learning rates must be positive")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
