@@ -325,7 +325,9 @@ def _training_session(settings) -> Iterator:
     try:
         with (
             console.progress_reporter() as progress,
-            console.TrainingDisplay(settings.train.max_steps, settings.train.log_every) as display,
+            console.TrainingDisplay(
+                settings.train.max_steps, settings.train.log_every, settings.train.max_minutes
+            ) as display,
         ):
             yield runtime, progress, display
     finally:

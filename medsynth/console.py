@@ -111,8 +111,9 @@ class TrainingDisplay:
     """Training progress: a live bar with the latest losses on a terminal; without one (cluster
     logs, CI), a plain line every `log_every` steps. Guard events are always printed."""
 
-    def __init__(self, total_steps: int, log_every: int = 10):
+    def __init__(self, total_steps: int, log_every: int = 10, max_minutes: float | None = None):
         self.total = total_steps
+        self.max_minutes = max_minutes  # a time budget ends the run before total_steps if it comes first
         self.start: int | None = None  # the first step seen (a resumed run starts part-way)
         self.log_every = log_every
         self.started = time.monotonic()
@@ -163,6 +164,8 @@ class TrainingDisplay:
             done = step - (self.start or 0)
             elapsed = time.monotonic() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
+            if self.max_minutes is not None and "trained_s" in metrics:
+                eta = min(eta, max(0.0, 60 * self.max_minutes - metrics["trained_s"]))
             info(f"step {step}/{self.total} | {self.status(metrics)} | eta {_duration(eta)}")
 
 

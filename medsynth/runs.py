@@ -325,6 +325,9 @@ def train_run(
     )
     if trainer.precision.warning and runtime.is_main:
         (on_event or say)(trainer.precision.warning)
+    if config.train.max_minutes is not None:
+        left = config.train.max_minutes - trainer.trained_seconds() / 60
+        say(f"time budget: {left:.1f} of {config.train.max_minutes:g} minutes of training left (train.max_minutes)")
     step = trainer.fit()
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)

@@ -719,6 +719,7 @@ class Trainer:
             steps_per_s=steps_per_s,
             volumes_per_s=steps_per_s * volumes,
             peak_memory_mb=peak_bytes(self.device) / 2**20,  # what `train --dry-run` predicts
+            trained_s=self.trained_seconds(),  # the training clock, over resumes (train.max_minutes)
             time=time.time(),
         )
         self.metrics.write(record)

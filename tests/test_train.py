@@ -147,6 +147,16 @@ def test_a_time_budget_ends_the_run_and_counts_over_resumes(phantom_dir, tmp_pat
     assert load_checkpoint(tmp_path / "run")["clock"]["trained_seconds"] > payload["clock"]["trained_seconds"]
 
 
+def test_the_progress_line_counts_down_a_time_budget(capsys):
+    from medsynth.console import TrainingDisplay
+
+    display = TrainingDisplay(20000, log_every=10, max_minutes=60)
+    display(1, {"loss_d": 1.0, "loss_g": 1.0, "trained_s": 1.0})
+    display.started -= 900  # 9 steps in 15 minutes: the steps would take days, the budget has 1 minute left
+    display(10, {"loss_d": 1.0, "loss_g": 1.0, "trained_s": 3540.0})
+    assert "step 10/20000" in (line := capsys.readouterr().err) and "eta 1m00s" in line
+
+
 def test_existing_run_with_other_settings_is_refused_unless_forced(phantom_dir, tmp_path):
     train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=2"), CPU)
     with pytest.raises(RunRefused, match="model.base_channels"):
