@@ -6,6 +6,8 @@ than any single step's (Yazici et al. 2019; used by StyleGAN and most modern GAN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -32,6 +34,7 @@ def recalibrate_batchnorm(
     batches: int = 8,
     batch_size: int = 8,
     condition_codes: torch.Tensor | None = None,
+    slab_starts: Sequence[int] | None = None,
 ) -> None:
     """Recompute BatchNorm running statistics for the current (EMA) weights ("standing statistics").
 
@@ -40,6 +43,11 @@ def recalibrate_batchnorm(
     gives washed-out volumes. A few batches through the EMA weights fix that. Noise comes from its
     own generator, so training's random stream is untouched. A conditional generator is run on
     rows of `condition_codes` (n, width), the training set's, drawn from the same generator.
+
+    A hierarchical generator (`slab_starts`: where its slabs tile the volume) runs as in training,
+    its trunk and one slab a batch, the slabs in turn (every slab as often): its head's statistics
+    are per slab either way, and the whole full-resolution volume, which set a 256³ run's memory
+    peak, is never made.
     """
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -50,9 +58,13 @@ def recalibrate_batchnorm(
         m.momentum = None  # a cumulative average over the batches below
     generator.train()
     rng = torch.Generator(device=device).manual_seed(seed)
-    for _ in range(batches):
+    starts = list(slab_starts) if slab_starts else [None]
+    batches = -(-batches // len(starts)) * len(starts)  # whole rounds of the slabs
+    for i in range(batches):
         z = sample_latent(batch_size, latent_dim, prior, rng, device)
-        if condition_codes is None:
+        if starts[0] is not None:
+            generator(z, slab_start=starts[i % len(starts)])  # (the whole volume at 1/4, one slab)
+        elif condition_codes is None:
             generator(z)
         else:
             rows = torch.randint(len(condition_codes), (batch_size,), generator=rng, device=device)

@@ -104,6 +104,11 @@ def slab_starts(shape: tuple[int, ...], slabs: int) -> list[int]:
     return list(range(0, shape[-1] - slab_depth(shape, slabs) + 1, FEATURE_SCALE))
 
 
+def slab_tiling(shape: tuple[int, ...], slabs: int) -> range:
+    """Where the slabs that make up a whole volume start, one after another along the last axis."""
+    return range(0, shape[-1], slab_depth(shape, slabs))
+
+
 def real_views(volumes: torch.Tensor, start: int, slabs: int) -> SlabViews:
     """Real volumes (B, 1, X, Y, Z) -> the views D compares with G's: the 4×4×4 average (what the
     low-resolution head learns to make) and the slab at `start`. Differentiable, so R1 on the whole
@@ -146,8 +151,7 @@ class HierarchicalGenerator3d(Generator3d):
         if slab_start is not None:
             low = torch.tanh(self.to_low_volume(features))  # (B, 1, X/4, Y/4, Z/4)
             return low, self.detail(features, slab_start)
-        depth = slab_depth(self.shape, self.slabs)
-        slabs = [self.detail(features, start) for start in range(0, self.shape[-1], depth)]
+        slabs = [self.detail(features, start) for start in slab_tiling(self.shape, self.slabs)]
         return torch.cat(slabs, dim=-1)  # (B, 1, X, Y, Z)
 
     def detail(self, features: torch.Tensor, start: int) -> torch.Tensor:

@@ -62,7 +62,7 @@ from medsynth.diffaug import diff_augment
 from medsynth.distributed import Runtime, any_rank, sum_over_ranks
 from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
-from medsynth.hierarchical import SlabViews, discriminator_inputs, real_views, slab_starts
+from medsynth.hierarchical import SlabViews, discriminator_inputs, real_views, slab_starts, slab_tiling
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.memory import peak_bytes
 from medsynth.metrics import MetricsLog
@@ -570,6 +570,7 @@ class Trainer:
             seed=c.seed + 54321,
             batch_size=max(2, c.train.batch_size),
             condition_codes=self.condition_codes,
+            slab_starts=slab_tiling(self.plan.target_shape, self.slabs) if self.hierarchical else None,
         )
 
     def load_weights(self, payload: TrainingState) -> None:

@@ -75,6 +75,37 @@ def test_real_volumes_are_cut_into_the_views_the_fakes_come_in():
     assert isinstance(views.detach().float(), SlabViews)
 
 
+def test_batchnorm_recalibration_runs_slabs_in_turn_and_never_the_whole_volume(monkeypatch):
+    """The EMA's standing statistics come from the trunk and one slab a batch, every slab as often:
+    at 256³ the whole volume (all slabs at once, in fp32) was what set a run's memory peak."""
+    from medsynth.ema import recalibrate_batchnorm
+    from medsynth.hierarchical import HierarchicalGenerator3d, slab_tiling
+
+    generator = _generator_with_moved_statistics("resize")
+    seen: list[int | None] = []
+    forward = HierarchicalGenerator3d.forward
+
+    def spy(self, z, codes=None, slab_start=None):
+        seen.append(slab_start)
+        return forward(self, z, codes, slab_start)
+
+    monkeypatch.setattr(HierarchicalGenerator3d, "forward", spy)
+    recalibrate_batchnorm(
+        generator,
+        16,
+        "normal",
+        torch.device("cpu"),
+        seed=0,
+        batches=6,
+        batch_size=2,
+        slab_starts=slab_tiling((32,) * 3, 4),
+    )
+    assert seen == [0, 8, 16, 24] * 2  # 6 batches rounded up to whole rounds of the 4 slabs
+    assert not generator.training
+    head_norm = generator.blocks[-2]  # the head's BatchNorm: its statistics moved from the slabs'
+    assert head_norm.num_batches_tracked == 8 and torch.isfinite(head_norm.running_var).all()
+
+
 def test_a_hierarchical_run_trains_samples_whole_volumes_and_resumes_exactly(phantom_dir, tmp_path):
     from test_train import _assert_identical, _state
 
