@@ -158,10 +158,23 @@ def with_label(entry: CacheEntry, name: str, key: str, path: Path, record: dict[
 # Serving volumes to training
 
 
+@dataclass(frozen=True)
+class VolumeDraw:
+    """A cached volume and the augmentation drawn for it, not yet read: what the dataset serves
+    with `draws_only`, so that the reader cuts only the parts it needs (`read_region`)."""
+
+    index: int
+    flipped_axes: tuple[int, ...]
+    intensity_factor: float | None  # intensity jitter's scale about the background, when on
+
+
 class CachedVolumeDataset:
     """Map-style dataset over cached volumes: item i is a (1, X, Y, Z) float32 array in [-1, 1];
     with `label_paths` (one per volume), the pair (volume, its label map as (1, X, Y, Z) uint8),
-    flipped together; with `condition_codes`, each item ends with the volume's code row.
+    flipped together; with `condition_codes`, each item ends with the volume's code row. With
+    `draws_only`, item i is its `VolumeDraw` instead, and `read_region` reads any box of the
+    augmented volume from the memory map: the hierarchical model cuts its views so, and a 256³
+    batch is never whole in memory.
 
     Arrays are memory-mapped, so worker processes share the page cache instead of copies.
     Augmentation draws from a generator seeded by (seed, epoch, index): the same epoch gives the
@@ -176,8 +189,12 @@ class CachedVolumeDataset:
         seed: int = 0,
         label_paths: list[str] | None = None,
         condition_codes: np.ndarray | None = None,
+        draws_only: bool = False,
     ):
         self.paths = list(paths)
+        self.draws_only = draws_only
+        if draws_only and (label_paths is not None or condition_codes is not None):
+            raise ValueError("draws_only serves images alone, without label maps or conditions")
         self.label_paths = list(label_paths) if label_paths is not None else None
         if self.label_paths is not None and len(self.label_paths) != len(self.paths):
             raise ValueError(f"{len(self.label_paths)} label maps for {len(self.paths)} volumes")
@@ -207,28 +224,56 @@ class CachedVolumeDataset:
             self._label_maps[index] = np.load(self.label_paths[index], mmap_mode="r")  # type: ignore[index]
         return self._label_maps[index]
 
-    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, ...]:
+    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, ...] | VolumeDraw:
         """The volume; with label maps, (volume, label map); with conditions, the volume's
-        condition codes (width,) after those."""
+        condition codes (width,) after those; with `draws_only`, its `VolumeDraw`."""
+        if self.draws_only:
+            return self.draw(index)
         item = self._volume_item(index)
         if self.condition_codes is None:
             return item
         codes = np.array(self.condition_codes[index], dtype=np.float32)  # (width,)
         return (*item, codes) if isinstance(item, tuple) else (item, codes)
 
+    def draw(self, index: int) -> VolumeDraw:
+        """The augmentation of volume `index` this epoch, drawn from (seed, epoch, index) alone."""
+        augment = self.augment
+        flipped: list[int] = []
+        factor = None
+        if augment.flip_axes or augment.intensity_jitter:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            flipped = [axis for axis in augment.flip_axes if rng.random() < augment.flip_probability]
+            if augment.intensity_jitter:
+                factor = 1.0 + rng.uniform(-augment.intensity_jitter, augment.intensity_jitter)
+        return VolumeDraw(index, tuple(flipped), factor)
+
+    @staticmethod
+    def _jitter(volume: np.ndarray, factor: float | None) -> np.ndarray:
+        if factor is None:  # intensities only: a label map has none
+            return volume
+        return np.clip((volume + 1.0) * factor - 1.0, -1.0, 1.0)  # scale about the background
+
+    def read_region(self, draw: VolumeDraw, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """The box (x, y, z slices with unit steps) of the augmented volume `draw`, float32, read
+        from the memory map alone: a flipped axis reads the mirrored range, then flips it."""
+        array = self._array(draw.index)
+        source = []
+        for axis, part in enumerate(box):
+            low, high, _ = part.indices(array.shape[axis])
+            n = array.shape[axis]
+            source.append(slice(n - high, n - low) if axis in draw.flipped_axes else slice(low, high))
+        region = np.array(array[tuple(source)], dtype=np.float32)  # a private copy of the box only
+        region = np.flip(region, axis=draw.flipped_axes) if draw.flipped_axes else region
+        return np.ascontiguousarray(self._jitter(region, draw.intensity_factor), dtype=np.float32)
+
     def _volume_item(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         volume = np.array(self._array(index), dtype=np.float32)  # (X, Y, Z), a private copy
         labels = self._label_map(index) if self.label_paths is not None else None
-        augment = self.augment
-        if augment.flip_axes or augment.intensity_jitter:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            for axis in augment.flip_axes:
-                if rng.random() < augment.flip_probability:
-                    volume = np.flip(volume, axis=axis)
-                    labels = np.flip(labels, axis=axis) if labels is not None else None
-            if augment.intensity_jitter:  # intensities only: a label map has none
-                factor = 1.0 + rng.uniform(-augment.intensity_jitter, augment.intensity_jitter)
-                volume = np.clip((volume + 1.0) * factor - 1.0, -1.0, 1.0)  # scale about the background
+        draw = self.draw(index)
+        if draw.flipped_axes:
+            volume = np.flip(volume, axis=draw.flipped_axes)
+            labels = np.flip(labels, axis=draw.flipped_axes) if labels is not None else None
+        volume = self._jitter(volume, draw.intensity_factor)
         volume = np.ascontiguousarray(volume[None], dtype=np.float32)  # (1, X, Y, Z)
         if labels is None:
             return volume

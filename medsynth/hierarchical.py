@@ -28,7 +28,8 @@ generator's only, for now.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from torch import nn
 from medsynth.conditions import ConditionSpec
 from medsynth.config import ConfigError, ModelConfig
 from medsynth.models import Discriminator3d, Generator3d, channels_per_stage, initialise_dcgan, stage_count
+
+if TYPE_CHECKING:
+    from medsynth.data import CachedVolumeDataset, VolumeDraw
 
 # The full-resolution head makes the last two doublings: the trunk's features are at 1/4.
 FEATURE_SCALE = 4
@@ -111,11 +115,47 @@ def slab_tiling(shape: tuple[int, ...], slabs: int) -> range:
 
 def real_views(volumes: torch.Tensor, start: int, slabs: int) -> SlabViews:
     """Real volumes (B, 1, X, Y, Z) -> the views D compares with G's: the 4×4×4 average (what the
-    low-resolution head learns to make) and the slab at `start`. Differentiable, so R1 on the whole
-    volume reaches both."""
+    low-resolution head learns to make) and the slab at `start`. Training reads the same views
+    straight from the cache (`read_real_views`); this is their definition."""
     depth = slab_depth(volumes.shape[2:], slabs)
     low = F.avg_pool3d(volumes, FEATURE_SCALE)  # (B, 1, X/4, Y/4, Z/4)
     return SlabViews(low, volumes[..., start : start + depth].contiguous(), start)  # a copy: the whole may go
+
+
+# x-planes of a real volume read at a time for its low-resolution view: a multiple of FEATURE_SCALE.
+READ_PLANES = 16
+
+
+def read_real_views(
+    dataset: CachedVolumeDataset,
+    draws: Sequence[VolumeDraw],
+    start: int,
+    shape: tuple[int, int, int],
+    slabs: int,
+    device: torch.device,
+) -> SlabViews:
+    """Real volumes, as the loader's draws from the cache -> the views `real_views` cuts from them,
+    (B, 1, X/4, Y/4, Z/4) and (B, 1, X, Y, s) on `device`, read box by box from the memory map: the
+    low-resolution view READ_PLANES x-planes at a time, then the slab alone. The same numbers as
+    `real_views` on the whole augmented volumes (tested) without ever holding one: a batch of
+    whole 256³ volumes, and its copies in the loader, was 0.25 GiB of a hierarchical step."""
+    depth = slab_depth(shape, slabs)
+    lows, slab_parts = [], []
+    for draw in draws:
+        planes = [
+            F.avg_pool3d(
+                torch.from_numpy(dataset.read_region(draw, (slice(x, x + READ_PLANES), slice(None), slice(None))))[
+                    None, None
+                ],
+                FEATURE_SCALE,
+            )
+            for x in range(0, shape[0], READ_PLANES)
+        ]  # each (1, 1, READ_PLANES / 4, Y/4, Z/4)
+        lows.append(torch.cat(planes, dim=2))  # (1, 1, X/4, Y/4, Z/4)
+        slab = dataset.read_region(draw, (slice(None), slice(None), slice(start, start + depth)))  # (X, Y, s)
+        slab_parts.append(torch.from_numpy(slab)[None, None])
+    low = torch.cat(lows).to(device, non_blocking=True)  # (B, 1, X/4, Y/4, Z/4)
+    return SlabViews(low, torch.cat(slab_parts).to(device, non_blocking=True), start)  # slab (B, 1, X, Y, s)
 
 
 def discriminator_inputs(views: SlabViews) -> tuple[torch.Tensor, torch.Tensor]:

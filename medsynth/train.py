@@ -57,12 +57,12 @@ from medsynth.checkpoint import (
 )
 from medsynth.conditions import ConditionSpec
 from medsynth.config import Config, config_to_dict
-from medsynth.data import CachedVolumeDataset
+from medsynth.data import CachedVolumeDataset, VolumeDraw
 from medsynth.diffaug import diff_augment
 from medsynth.distributed import Runtime, any_rank, sum_over_ranks
 from medsynth.ema import recalibrate_batchnorm, update_ema
 from medsynth.errors import MedsynthError
-from medsynth.hierarchical import SlabViews, discriminator_inputs, real_views, slab_starts, slab_tiling
+from medsynth.hierarchical import SlabViews, discriminator_inputs, read_real_views, slab_starts, slab_tiling
 from medsynth.losses import discriminator_confidence, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from medsynth.memory import peak_bytes
 from medsynth.metrics import MetricsLog
@@ -230,8 +230,14 @@ class Trainer:
             self.generator_in_g_step = torch.compile(self.generator_in_g_step)
             self.discriminator_in_d_step = torch.compile(self.discriminator_in_d_step)
 
+        # The hierarchical model's loader serves draws, and its views are cut from the cache (read_real_views).
         self.dataset = CachedVolumeDataset(
-            volume_paths, config.augment, seed=config.seed, label_paths=label_paths, condition_codes=condition_codes
+            volume_paths,
+            config.augment,
+            seed=config.seed,
+            label_paths=label_paths,
+            condition_codes=condition_codes,
+            draws_only=self.hierarchical,
         )
         # Every training volume's codes on the device: BatchNorm recalibration draws from them, and
         # previews show the first volumes' conditions (beside real.png, the same volumes).
@@ -316,13 +322,15 @@ class Trainer:
             # Its own seed source: worker seeding must not draw from the global RNG, or a resumed
             # run (which opens a loader mid-epoch) would drift from an uninterrupted one.
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
+            collate_fn=list if self.hierarchical else None,  # VolumeDraws, as they come
         )
         yield from loader
 
-    def _next_real(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _next_real(self) -> tuple[torch.Tensor | list[VolumeDraw], torch.Tensor | None]:
         """The next minibatch of real volumes, (B, 1, X, Y, Z) on the device, or with label maps the
         pairs as D sees them, (B, 1 + K, X, Y, Z); and their condition codes (B, width), or None
-        for an unconditional model. Epochs roll over."""
+        for an unconditional model. The hierarchical model's: the volumes' draws from the cache, to
+        be read as views. Epochs roll over."""
         while True:
             if self._real_iterator is None:
                 self._real_iterator = self._loader(self.position.epoch, self.position.batch)
@@ -333,6 +341,8 @@ class Trainer:
                 self._real_iterator = None
                 continue
             self.position.batch += 1
+            if self.hierarchical:
+                return batch, None  # the draws: update_discriminator reads the views at the fake slab's place
             codes = None
             if self.conditions:
                 *batch, codes = batch
@@ -397,12 +407,12 @@ class Trainer:
 
     def update_discriminator(
         self,
-        real: torch.Tensor,
+        real: torch.Tensor | list[VolumeDraw],
         fake: torch.Tensor | None = None,
         with_r1: bool = True,
         codes: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """One D update: real (B, C, X, Y, Z) called real, G's fakes called fake. `fake`, when
+        """One D update: real (B, C, X, Y, Z) (the hierarchical model's: its draws from the cache) called real, G's fakes called fake. `fake`, when
         given, is G's output of this step, detached here; otherwise G runs on fresh noise without
         gradients. `with_r1`: whether this update carries the (lazy) R1 penalty. `codes` (B, width):
         the real volumes' conditions, which the fakes are made at too, so D judges each condition's
@@ -411,13 +421,12 @@ class Trainer:
         discriminator = self.discriminator_in_d_step
         if fake is None:
             with torch.no_grad(), self._autocast():
-                fake = self._generate(self.generator, real.shape[0], codes)  # (B, C, X, Y, Z), C = 1 + K
+                fake = self._generate(self.generator, len(real), codes)  # (B, C, X, Y, Z), C = 1 + K
         fake = fake.detach().float()  # no graph back to G
-        batch = real.shape[0]
+        batch = len(real)
         if self.hierarchical:
-            # Cut into the views D judges now, at the fake slab's place: R1 then differentiates what D
-            # sees, and the whole full-resolution batch is not kept for the penalty's graph.
-            real = real_views(real, fake.start, self.slabs)
+            # The views D judges, read now at the fake slab's place; R1 then differentiates what D sees.
+            real = read_real_views(self.dataset, real, fake.start, self.plan.target_shape, self.slabs, self.device)
         r1 = loss_config.r1_gamma > 0 and with_r1
         if r1:
             # R1 differentiates D's output w.r.t. the whole input: the image and its label channels.
@@ -489,7 +498,7 @@ class Trainer:
         shared = loss_config.share_fake and loss_config.d_steps_per_g == 1
         for i in range(loss_config.d_steps_per_g):
             real, codes = self._next_real()
-            batch = real.shape[0]
+            batch = len(real)
             # Counted from the step, so a resumed run puts R1 on the same updates.
             with_r1 = (self.step * loss_config.d_steps_per_g + i) % loss_config.r1_interval == 0
             fake = self.generate_for_update(batch, codes) if shared else None

@@ -106,6 +106,31 @@ def test_batchnorm_recalibration_runs_slabs_in_turn_and_never_the_whole_volume(m
     assert head_norm.num_batches_tracked == 8 and torch.isfinite(head_norm.running_var).all()
 
 
+def test_views_read_from_the_cache_are_the_views_cut_from_whole_augmented_volumes(tmp_path):
+    """Training reads the low-resolution view a few planes at a time and the slab alone, through
+    flips and intensity jitter, and must get what `real_views` cuts from the whole volumes."""
+    import numpy as np
+
+    from medsynth.config import AugmentConfig
+    from medsynth.data import CachedVolumeDataset
+    from medsynth.hierarchical import read_real_views
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"v{i}.npy"))
+        np.save(paths[-1], rng.uniform(-1, 1, (32, 32, 32)).astype(np.float32))
+    augment = AugmentConfig(flip_axes=(0, 2), flip_probability=0.5, intensity_jitter=0.3)
+    whole = CachedVolumeDataset(paths, augment, seed=3)
+    lazy = CachedVolumeDataset(paths, augment, seed=3, draws_only=True)
+    draws = [lazy[i] for i in range(3)]
+    assert {axis for draw in draws for axis in draw.flipped_axes} == {0, 2}  # both flips are exercised
+    expected = real_views(torch.from_numpy(np.stack([whole[i] for i in range(3)])), start=20, slabs=4)
+    got = read_real_views(lazy, draws, start=20, shape=(32, 32, 32), slabs=4, device=torch.device("cpu"))
+    assert got.start == 20 and torch.equal(got.slab, expected.slab)
+    torch.testing.assert_close(got.low, expected.low, rtol=0, atol=1e-6)
+
+
 def test_a_hierarchical_run_trains_samples_whole_volumes_and_resumes_exactly(phantom_dir, tmp_path):
     from test_train import _assert_identical, _state
 
