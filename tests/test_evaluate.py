@@ -42,6 +42,7 @@ QUICK = EvaluationBudget(
     mmd_permutations=200,
     mmd_interval_resamples=20,
     intensity_interval_resamples=20,
+    grid_interval_resamples=20,
     feature_interval_resamples=20,
     diversity_max_pairs=40,
     diversity_interval_resamples=100,
@@ -199,8 +200,10 @@ def test_report_json_figures_and_sample_sizes(same_report):
         "coverage",
         "frechet_distance",
         "intensity_wasserstein",
+        "grid_artefacts",
     ):
         assert len(on_disk[key]["ci95"]) == 2 and on_disk[key]["n"], key
+    assert "c2st_full_resolution" not in on_disk  # 32³: the thumbnails are the full resolution
     assert not any("weak below" in w for w in on_disk["warnings"])  # 20 volumes per set is enough
     for path in on_disk["figures"].values():
         assert Path(path).read_bytes()[:4] == b"\x89PNG"
@@ -218,6 +221,7 @@ def test_the_budget_reaches_every_metric(same_report):
     assert set(draws) == {
         ("kernel_mmd", QUICK.mmd_interval_resamples),
         ("intensity_wasserstein", QUICK.intensity_interval_resamples),
+        ("grid_artefacts", QUICK.grid_interval_resamples),
         ("feature_metrics", QUICK.feature_interval_resamples),
         ("diversity", QUICK.diversity_interval_resamples),
         ("memorisation", QUICK.copying_interval_resamples),
@@ -277,6 +281,35 @@ def test_cli_evaluates_with_the_full_budget(run_cli, sets, tmp_path):
     assert report["mmd"]["permutation_p_value"] > 0.01
     assert report["memorisation"]["flagged_share"]["value"] <= 0.1
     assert report["memorisation"]["data_copying_z"]["value"] > -3
+
+
+def test_grid_artefacts_find_a_pattern_on_the_generators_grid_and_not_in_alike_sets():
+    """Smooth random volumes, and the same kind with every other x-plane 2% brighter (what a 2x
+    upsampling layer leaves): the metric names the period and the axis, and sees nothing between
+    two sets of the first kind."""
+    rng = np.random.default_rng(0)
+
+    def smooth_set(count: int) -> np.ndarray:
+        noise = torch.from_numpy(rng.normal(size=(count, 1, 32, 32, 32)).astype(np.float32))
+        return 1.0 + torch.nn.functional.avg_pool3d(noise, 5, stride=1, padding=2)[:, 0].numpy()  # around 1
+
+    real, alike, gridded = smooth_set(20), smooth_set(20), smooth_set(20)
+    gridded[:, ::2] *= 1.02
+    found = realism.grid_artefacts(real, gridded, seed=0, resamples=50)
+    excess = np.array(found["synthetic_contrast"]) - np.array(found["real_contrast"])
+    assert np.unravel_index(excess.argmax(), excess.shape) == (0, 0)  # period 2, axis 0
+    assert found["permutation_p_value"] < 0.05 and found["ci95"][0] > 0
+    same = realism.grid_artefacts(real, alike, seed=0, resamples=50)
+    assert same["permutation_p_value"] > 0.05 and same["value"] < 0.5 * found["value"]
+
+
+def test_central_patches_keep_full_resolution():
+    from medsynth.evaluate.similarity import central_patch
+
+    volumes = np.arange(2 * 64 * 64 * 16, dtype=np.float32).reshape(2, 64, 64, 16)
+    patch = central_patch(volumes, 32)
+    assert patch.shape == (2, 1, 32, 32, 16)
+    assert torch.equal(patch[:, 0], torch.from_numpy(volumes[:, 16:48, 16:48, :]))
 
 
 def test_statistics_helpers():

@@ -16,6 +16,16 @@ def downsample(volumes: np.ndarray, side: int) -> torch.Tensor:
     return tensor
 
 
+def central_patch(volumes: np.ndarray, side: int) -> torch.Tensor:
+    """(N, X, Y, Z) -> (N, 1, x, y, z) float32: the central `side` voxels of each axis (all of a
+    shorter one), at full resolution."""
+    tensor = torch.as_tensor(np.asarray(volumes, dtype=np.float32))[:, None]
+    for axis in (2, 3, 4):
+        length = min(side, tensor.shape[axis])
+        tensor = tensor.narrow(axis, (tensor.shape[axis] - length) // 2, length)
+    return tensor.contiguous()
+
+
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
