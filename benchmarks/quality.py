@@ -120,6 +120,8 @@ def row_from_report(name: str, report: dict, steps: int, train_seconds: float) -
         "steps": steps,
         "train_minutes": round(train_seconds / 60.0, 1),
         "c2st": metric(report.get("c2st")),
+        "c2st_full": metric(report.get("c2st_full_resolution")),
+        "grid": metric(report.get("grid_artefacts")),
         "mmd": metric(report.get("mmd")),
         "coverage": metric(report.get("coverage")),
         "ms_ssim_real": metric(diversity.get("real")),
@@ -194,14 +196,15 @@ def _cell(value: list[float | None] | None, digits: int = 3) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | steps | train min | C2ST acc [95% CI] | MMD² | coverage | MS-SSIM synth (real) | W1 | "
-        "flagged | copying z |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | steps | train min | C2ST acc [95% CI] | C2ST full res | grid excess | MMD² | coverage | "
+        "MS-SSIM synth (real) | W1 | flagged | copying z |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         real = r["ms_ssim_real"][0] if r["ms_ssim_real"] else float("nan")
         lines.append(
-            f"| {r['variant']} | {r['steps']} | {r['train_minutes']} | {_cell(r['c2st'])} | {_cell(r['mmd'], 4)} | "
+            f"| {r['variant']} | {r['steps']} | {r['train_minutes']} | {_cell(r['c2st'])} | "
+            f"{_cell(r.get('c2st_full'))} | {_cell(r.get('grid'))} | {_cell(r['mmd'], 4)} | "
             f"{_cell(r['coverage'], 2)} | {_cell(r['ms_ssim_synthetic'])} ({real:.3f}) | {_cell(r['intensity_w1'], 1)} | "
             f"{_cell(r['flagged_share'], 2)} | {_cell(r['copying_z'], 1)} |"
         )
