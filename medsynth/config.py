@@ -251,6 +251,12 @@ class ModelConfig:
     # steps on real brain MRI (D(G(z)) ~ 0, G's loss ~ 30) and G learns little; spectral norm keeps
     # the game balanced (docs/results.md).
     discriminator_norm: Literal["batch", "instance", "none"] = "none"
+    # Channels of a 3³ stride-1 convolution at full resolution before the discriminator's strided
+    # layers (0: none, the DCGAN discriminator). A strided first layer turns a pattern that
+    # alternates voxel by voxel (a checkerboard, or the 2×2×2 blocks of nearest upsampling) into a
+    # constant offset of its features, hard to tell from brightness; a layer at full resolution
+    # sees it as a pattern. Under measurement (docs/results.md), not a default.
+    discriminator_stem: int = 0
     spectral_norm: bool = True
     # Minibatch standard deviation (Karras et al. 2018): D sees how much the volumes in its batch
     # differ, so a generator that makes the same volume every time is easy to catch.
@@ -293,6 +299,10 @@ class ModelConfig:
             raise ConfigError(f"model.generator_channels must be from 1 to max_channels, got {self.generator_channels}")
         if self.pack < 1:
             raise ConfigError(f"model.pack must be at least 1, got {self.pack}")
+        if self.discriminator_stem < 0:
+            raise ConfigError(
+                f"model.discriminator_stem must be 0 (none) or a channel count, got {self.discriminator_stem}"
+            )
         if not _is_power_of_two(self.base_grid) or not 2 <= self.base_grid <= 16:
             raise ConfigError(f"model.base_grid must be a power of two from 2 to 16, got {self.base_grid}")
         if self.hierarchical_slabs and (self.hierarchical_slabs < 2 or not _is_power_of_two(self.hierarchical_slabs)):

@@ -469,17 +469,18 @@ class Discriminator3d(nn.Module):
         channels = channels_per_stage(config, stages)
         base_shape = _base_shape(tuple(shape), stages)
         wrap = nn.utils.parametrizations.spectral_norm if config.spectral_norm else (lambda module: module)
-        layers: list[nn.Module] = [
-            # No norm on the first layer. PacGAN stacks `pack` volumes as input channels.
-            wrap(
-                nn.Conv3d(
-                    config.pack * (channels_per_volume or 1 + label_classes),
-                    channels[0],
-                    kernel_size=4,
-                    stride=2,
-                    padding=1,
-                )
-            ),
+        # PacGAN stacks `pack` volumes as input channels.
+        inputs = config.pack * (channels_per_volume or 1 + label_classes)
+        layers: list[nn.Module] = []
+        if config.discriminator_stem:  # at full resolution: (B, stem, X, Y, Z)
+            layers += [
+                wrap(nn.Conv3d(inputs, config.discriminator_stem, kernel_size=3, padding=1)),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            inputs = config.discriminator_stem
+        layers += [
+            # No norm on the first strided layer.
+            wrap(nn.Conv3d(inputs, channels[0], kernel_size=4, stride=2, padding=1)),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         for i in range(1, stages):

@@ -71,6 +71,17 @@ def test_discriminator_structure_first_layer_without_norm_and_leaky_relu():
     assert isinstance(layers[3], torch.nn.BatchNorm3d)
 
 
+def test_a_discriminator_stem_reads_the_packed_volumes_at_full_resolution():
+    plain = Discriminator3d(ModelConfig(base_channels=4, pack=2), (32, 32, 32))
+    stemmed = Discriminator3d(ModelConfig(base_channels=4, pack=2, discriminator_stem=6), (32, 32, 32))
+    stem, first_strided = stemmed.features[0], stemmed.features[2]
+    assert (stem.in_channels, stem.out_channels, stem.stride, stem.kernel_size) == (2, 6, (1, 1, 1), (3, 3, 3))
+    assert first_strided.in_channels == 6 and first_strided.stride == (2, 2, 2)
+    volumes = torch.randn(3, 2, 32, 32, 32)
+    assert stemmed(volumes).shape == plain(volumes).shape == (3,)
+    assert forward_flops(stemmed, volumes) > forward_flops(plain, volumes)
+
+
 def test_generator_structure_resize_convolutions_batchnorm_relu():
     generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))  # model.upsample=resize, the default
     first, norm, activation = generator.blocks[:3]
