@@ -766,6 +766,7 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
         )
     choice = choose_precision(settings.train.amp, device)
     rows.append(["training will use", choice.reason])
+    rows.append(["run length", _run_length(settings.train, timed.get("bf16" if choice.bf16 else "fp32"))])
     console.out.print(console.table("Dry run: nothing trained", ["", ""], rows, show_header=False))
     if choice.warning:
         console.warn(choice.warning)
@@ -773,6 +774,23 @@ def _dry_run(scan_dir: Path, settings, plan=None) -> None:
         from medsynth.runs import RunRefused
 
         raise RunRefused(memory.refusal(planned, settings))
+
+
+def _run_length(train, step_seconds: float | None) -> str:
+    """What ends the run: train.max_steps, or the time budget, with the steps it allows at the timed speed."""
+    words = f"{train.max_steps:,} steps"
+    if train.max_minutes is None:
+        return words + (f", about {_duration_words(train.max_steps * step_seconds)}" if step_seconds else "")
+    budget = f"{train.max_minutes:g} minutes of training (train.max_minutes), whichever comes first"
+    if not step_seconds:
+        return f"{words} or {budget}"
+    steps = int(60 * train.max_minutes / step_seconds)
+    ends = f"about {min(steps, train.max_steps):,} steps" if steps < train.max_steps else f"{words} first"
+    return f"{words} or {budget}: {ends} at the step time above"
+
+
+def _duration_words(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{seconds / 60:.0f} minutes"
 
 
 def _hierarchical_rows(settings, plan) -> list[list[str]]:

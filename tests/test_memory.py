@@ -128,6 +128,19 @@ def test_auto_batch_is_chosen_recorded_and_kept_on_resume(monkeypatch, phantom_d
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["batch_size"] == 4
 
 
+def test_the_dry_run_says_what_will_end_the_run():
+    from medsynth.cli import _run_length
+    from medsynth.config import TrainConfig
+
+    assert _run_length(TrainConfig(max_steps=3000), 0.8) == "3,000 steps, about 40 minutes"
+    budgeted = TrainConfig(max_steps=20000, max_minutes=60)
+    assert _run_length(budgeted, 0.8).endswith("about 4,500 steps at the step time above")
+    assert _run_length(TrainConfig(max_steps=1000, max_minutes=60), 0.8).endswith(
+        "1,000 steps first at the step time above"
+    )
+    assert "whichever comes first" in _run_length(budgeted, None)
+
+
 def test_dry_run_reports_memory_and_refuses_what_cannot_fit(run_cli, monkeypatch, phantom_dir, tmp_path):
     args = ("train", phantom_dir, "-o", tmp_path / "run", "--config", CONFIGS / "tiny.yaml", "--dry-run")
     code, out, err = run_cli(*args)
@@ -136,7 +149,7 @@ def test_dry_run_reports_memory_and_refuses_what_cannot_fit(run_cli, monkeypatch
         assert row in out
     assert "parameters" in out and "FLOP" in out  # the model's sizes, as before
     # One step timed in each precision (bf16 where native, else said to be emulated), the CPU named.
-    assert "step time, fp32" in out and "volumes/s" in out and "training will use" in out
+    assert "step time, fp32" in out and "volumes/s" in out and "training will use" in out and "run length" in out
     assert "step time, bf16" in out and "cores" in out
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * MIB)
     code, out, err = run_cli(*args)
