@@ -161,7 +161,7 @@ def with_label(entry: CacheEntry, name: str, key: str, path: Path, record: dict[
 @dataclass(frozen=True)
 class VolumeDraw:
     """A cached volume and the augmentation drawn for it, not yet read: what the dataset serves
-    with `draws_only`, so that the reader cuts only the parts it needs (`read_region`)."""
+    with `draws_only`, so that the reader reads the volume a few planes at a time (`read_planes`)."""
 
     index: int
     flipped_axes: tuple[int, ...]
@@ -172,9 +172,9 @@ class CachedVolumeDataset:
     """Map-style dataset over cached volumes: item i is a (1, X, Y, Z) float32 array in [-1, 1];
     with `label_paths` (one per volume), the pair (volume, its label map as (1, X, Y, Z) uint8),
     flipped together; with `condition_codes`, each item ends with the volume's code row. With
-    `draws_only`, item i is its `VolumeDraw` instead, and `read_region` reads any box of the
-    augmented volume from the memory map: the hierarchical model cuts its views so, and a 256³
-    batch is never whole in memory.
+    `draws_only`, item i is its `VolumeDraw` instead, and `read_planes` reads a few x-planes of
+    the augmented volume at a time: the hierarchical model cuts its views so, and a 256³ batch is
+    never whole in memory.
 
     Arrays are memory-mapped, so worker processes share the page cache instead of copies.
     Augmentation draws from a generator seeded by (seed, epoch, index): the same epoch gives the
@@ -207,6 +207,7 @@ class CachedVolumeDataset:
         self.epoch = 0
         self._arrays: dict[int, np.ndarray] = {}
         self._label_maps: dict[int, np.ndarray] = {}
+        self._layouts: dict[int, tuple[int, tuple[int, ...], np.dtype]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -253,18 +254,37 @@ class CachedVolumeDataset:
             return volume
         return np.clip((volume + 1.0) * factor - 1.0, -1.0, 1.0)  # scale about the background
 
-    def read_region(self, draw: VolumeDraw, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The box (x, y, z slices with unit steps) of the augmented volume `draw`, float32, read
-        from the memory map alone: a flipped axis reads the mirrored range, then flips it."""
-        array = self._array(draw.index)
-        source = []
-        for axis, part in enumerate(box):
-            low, high, _ = part.indices(array.shape[axis])
-            n = array.shape[axis]
-            source.append(slice(n - high, n - low) if axis in draw.flipped_axes else slice(low, high))
-        region = np.array(array[tuple(source)], dtype=np.float32)  # a private copy of the box only
+    def read_planes(self, draw: VolumeDraw, start: int, stop: int) -> np.ndarray:
+        """x-planes [start, stop) of the augmented volume `draw`, (stop - start, Y, Z) float32,
+        read from the file by one positioned read: a flipped x reads the mirrored planes, then
+        every flip is applied. Not through the memory map, whose pages, once touched, count in
+        the process's resident memory for as long as it is open (a 256³ volume is 64 MiB)."""
+        offset, shape, dtype = self._layout(draw.index)
+        n, plane = shape[0], shape[1] * shape[2]
+        first, last = (n - stop, n - start) if 0 in draw.flipped_axes else (start, stop)
+        count = (last - first) * plane
+        data = np.fromfile(
+            self.paths[draw.index], dtype=dtype, count=count, offset=offset + first * plane * dtype.itemsize
+        )
+        if data.size != count:
+            raise OSError(f"{self.paths[draw.index]}: cached volume is shorter than its header says")
+        region = data.reshape(last - first, *shape[1:]).astype(np.float32, copy=False)
         region = np.flip(region, axis=draw.flipped_axes) if draw.flipped_axes else region
         return np.ascontiguousarray(self._jitter(region, draw.intensity_factor), dtype=np.float32)
+
+    def _layout(self, index: int) -> tuple[int, tuple[int, ...], np.dtype]:
+        """(where the data starts, shape, dtype) of cached volume `index`, from its .npy header."""
+        if index not in self._layouts:
+            with open(self.paths[index], "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read_header:
+                    raise ValueError(f"{self.paths[index]}: .npy format {version} is not one the cache writes")
+                shape, fortran_order, dtype = read_header[version](handle)
+                if fortran_order or len(shape) != 3:
+                    raise ValueError(f"{self.paths[index]}: expected a C-ordered 3D volume")
+                self._layouts[index] = (handle.tell(), tuple(shape), np.dtype(dtype))
+        return self._layouts[index]
 
     def _volume_item(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         volume = np.array(self._array(index), dtype=np.float32)  # (X, Y, Z), a private copy
