@@ -255,7 +255,8 @@ class ModelConfig:
     # layers (0: none, the DCGAN discriminator). A strided first layer turns a pattern that
     # alternates voxel by voxel (a checkerboard, or the 2×2×2 blocks of nearest upsampling) into a
     # constant offset of its features, hard to tell from brightness; a layer at full resolution
-    # sees it as a pattern. Under measurement (docs/results.md), not a default.
+    # sees it as a pattern. On IXI at 1000 steps it made every figure worse, the grid included,
+    # and cost 42% of the step rate (docs/results.md): an option for comparisons, off.
     discriminator_stem: int = 0
     spectral_norm: bool = True
     # Minibatch standard deviation (Karras et al. 2018): D sees how much the volumes in its batch
