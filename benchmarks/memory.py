@@ -169,7 +169,7 @@ def main() -> None:
                     run_config,
                     real["plan"],
                     "cpu",
-                    memory.cache_bytes(real["plan"], args.real_volumes),
+                    memory.cache_bytes(run_config, real["plan"], args.real_volumes),
                     measure_sampling=False,
                 )
                 predicted = planned.peak_bytes + planned.cache_bytes
@@ -224,7 +224,7 @@ def real_only(args) -> None:
         )
         plan = row.pop("plan")
         probe = memory.probe(config, plan, "train", "cpu", "bf16" if _bf16(config) else "off", args.real_batch)
-        row["dry_run_bytes"] = probe.peak_bytes + memory.cache_bytes(plan, args.real_volumes)
+        row["dry_run_bytes"] = probe.peak_bytes + memory.cache_bytes(config, plan, args.real_volumes)
         print(json.dumps(row), flush=True)
     print(
         "\n| size | batch | dry run: the step + the cache | real run's process peak | ratio | real run, peak over logged steps |"

@@ -412,7 +412,7 @@ def plan_to_fit(
             settings,
             plan,
             device,
-            cache_bytes(plan, volumes),
+            cache_bytes(settings, plan, volumes),
             measure_sampling=measure_sampling,
             processes=processes,
             largest=largest_useful_batch(volumes, world_size),
@@ -432,8 +432,12 @@ def plan_to_fit(
     return lean, lean_planned, note
 
 
-def cache_bytes(plan, volumes: int) -> int:
-    """The preprocessed cache a run of `volumes` volumes memory-maps: float32 images, uint8 labels."""
+def cache_bytes(config, plan, volumes: int) -> int:
+    """The preprocessed cache a run of `volumes` volumes memory-maps: float32 images, uint8 labels.
+    Nothing for the hierarchical model, which reads its views by positioned reads, a few planes at a
+    time (`CachedVolumeDataset.read_planes`), and maps nothing."""
+    if config.model.hierarchical_slabs:
+        return 0
     voxels = math.prod(plan.target_shape)
     return volumes * voxels * (4 + (1 if plan.label_values else 0))
 
