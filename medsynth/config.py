@@ -278,6 +278,10 @@ class ModelConfig:
     # Resize is the default: on IXI at 1000 steps it beat transposed on every figure of the quality
     # benchmark, by more than the intervals (C2ST 0.735 against 0.971; docs/results.md).
     upsample: Literal["transposed", "resize", "trilinear", "pixel_shuffle"] = "resize"
+    # The last doubling, which makes the volume itself: as `upsample` ("same"), or trilinear
+    # (its [1, 2, 1] filter removes what repeats every other voxel, where the finest seams live,
+    # without blurring every scale as trilinear everywhere did). Under measurement, not a default.
+    output_upsample: Literal["same", "trilinear"] = "same"
     # Where a conditional generator takes its condition (a run with conditions only). "input": an
     # embedding joined to z (Mirza & Osindero 2014). "batchnorm": conditional BatchNorm, the
     # embedding setting the gain and bias of every generator BatchNorm (de Vries et al. 2017, as

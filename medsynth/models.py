@@ -346,7 +346,8 @@ class Generator3d(nn.Module):
         # Trainer): each block keeps only its input for the backward pass and runs again there.
         self.activation_checkpointing = False
         # One layer makes the image and its class logits from the same features, so they agree.
-        self.to_volume = upsampling(config.upsample, channels[0], 1 + label_classes, bias=True)
+        last = config.upsample if config.output_upsample == "same" else config.output_upsample
+        self.to_volume = upsampling(last, channels[0], 1 + label_classes, bias=True)
         initialise_dcgan(self)
         if self.condition is not None:
             # The condition joins z at z's own scale. With the DCGAN N(0, 0.02) init the two-layer

@@ -82,6 +82,13 @@ def test_a_discriminator_stem_reads_the_packed_volumes_at_full_resolution():
     assert forward_flops(stemmed, volumes) > forward_flops(plain, volumes)
 
 
+def test_the_last_doubling_can_interpolate_alone():
+    generator = Generator3d(ModelConfig(base_channels=4, output_upsample="trilinear"), (32, 32, 32))
+    assert type(generator.to_volume) is TrilinearResizeConv3d
+    assert all(type(m) is not TrilinearResizeConv3d for m in generator.blocks)
+    assert generator(torch.randn(2, 128)).shape == (2, 1, 32, 32, 32)
+
+
 def test_generator_structure_resize_convolutions_batchnorm_relu():
     generator = Generator3d(ModelConfig(base_channels=4), (32, 32, 32))  # model.upsample=resize, the default
     first, norm, activation = generator.blocks[:3]
