@@ -412,8 +412,9 @@ class Trainer:
         with_r1: bool = True,
         codes: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """One D update: real (B, C, X, Y, Z) (the hierarchical model's: its draws from the cache) called real, G's fakes called fake. `fake`, when
-        given, is G's output of this step, detached here; otherwise G runs on fresh noise without
+        """One D update: real (B, C, X, Y, Z) called real (the hierarchical model's real batch: its
+        draws from the cache), G's fakes called fake. `fake`, when given, is G's output of this
+        step, detached here; otherwise G runs on fresh noise without
         gradients. `with_r1`: whether this update carries the (lazy) R1 penalty. `codes` (B, width):
         the real volumes' conditions, which the fakes are made at too, so D judges each condition's
         real and fake volumes alike, and only realism given the condition separates them."""
