@@ -1,6 +1,8 @@
 """Training throughput at 32³, 64³ and 128³, against the machine's peak and a plain reference.
 
     python benchmarks/train_step.py [--sizes 32 64 128] [--steps 5] [--data DIR] [--device cpu] [--set key=value]
+    python benchmarks/train_step.py --sizes 64 --steps 16 --rounds 5 [--config configs/brain-mri-64.yaml] \
+        --compare transposed=model.upsample=transposed --compare lazy-r1='loss.r1_interval=16'
 
 In one run, for each size:
   * medsynth's Trainer step on the memory-mapped cache (bf16 autocast where the device has it),
@@ -12,6 +14,14 @@ and once, the machine's own Conv3d peak (a large 3x3x3 convolution: fp32, and bf
 device runs it natively; emulated bf16 would take minutes and is never used).
 Reports medians over the timed steps (after warm-up) and the ratios, and first says where it ran:
 CPU model, cores, ISA features, torch and oneDNN versions, and the precision each step used.
+
+With --compare NAME='SETTINGS', the settings are a variant of the baseline (`--config` and `--set`)
+and the benchmark times the baseline and each variant side by side instead of the reference: the
+trainers are built once and take turns, `--rounds` times, each timing `--steps` consecutive steps
+(a multiple of `loss.r1_interval`, so lazy R1's occasional penalty is counted at its share). A
+trainer's figure is the median over rounds of its mean step time; taking turns spreads any drift
+of the machine (another process, frequency) over all of them. Each variant's throughput is
+reported as a ratio to the baseline's measured in the same run.
 """
 
 from __future__ import annotations
@@ -84,6 +94,69 @@ class ReferenceLoop:
         self.opt_g.step()
 
 
+def benchmark_config(args: argparse.Namespace, size: int, batch: int, overrides: list[str]):
+    return load_config(
+        args.config,
+        [
+            f"plan.target_shape=[{size},{size},{size}]",
+            f"model.base_channels={args.base_channels}",
+            f"train.batch_size={batch}",
+            "train.max_steps=1000000",
+            "train.max_minutes=null",
+            "cache.workers=2",
+            *overrides,
+        ],
+    )
+
+
+def compare_variants(
+    args: argparse.Namespace, data_dir: Path, tmp: Path, device: torch.device, runtime: Runtime
+) -> None:
+    """The baseline and each --compare variant, timed in turns in one process (see the docstring)."""
+    import shlex
+    import statistics
+    import time
+
+    from medsynth.pipeline import prepare_dataset
+
+    variants = [("baseline", [])]
+    for spec in args.compare:
+        name, _, settings = spec.partition("=")
+        variants.append((name, shlex.split(settings)))
+    print("| size | batch | variant | s/step (median of rounds) | rounds' range | vol/s | ratio to baseline |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        batch = args.batch_size if size <= 64 else max(1, args.batch_size // 4)
+        trainers = []
+        for name, settings in variants:
+            config = benchmark_config(args, size, batch, [*args.overrides, *settings])
+            prepared = prepare_dataset(data_dir, config, cache_dir=tmp / "cache")
+            paths = [e.path for e in prepared.entries]
+            trainer = Trainer(config, prepared.plan, paths, tmp / f"run{size}-{name}", runtime)
+            for _ in range(2):  # warm-up: allocations, oneDNN primitives
+                trainer.train_step()
+            trainers.append((name, trainer, []))
+        for _ in range(args.rounds):
+            for _, trainer, rounds in trainers:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.train_step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rounds.append((time.perf_counter() - start) / args.steps)
+        base = statistics.median(trainers[0][2])
+        for name, trainer, rounds in trainers:
+            seconds = statistics.median(rounds)
+            trainer.metrics.close()
+            print(
+                f"| {size}³ | {batch} | {name} | {seconds:.3f} | {min(rounds):.3f}-{max(rounds):.3f} "
+                f"| {batch / seconds:.2f} | {base / seconds:.2f}x |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
@@ -95,6 +168,15 @@ def main() -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="a medsynth setting, e.g. loss.r1_interval=16"
     )
+    parser.add_argument("--config", type=Path, help="a config file under the settings (default: medsynth's defaults)")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SETTINGS",
+        help="a variant timed against the baseline in the same run, e.g. transposed=model.upsample=transposed",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="with --compare: turns each trainer takes")
     args = parser.parse_args()
     device = resolve_device(args.device)
     runtime = Runtime(device=device)
@@ -112,20 +194,13 @@ def main() -> None:
         bf16_peak = conv3d_peak(device, torch.bfloat16) if native_bf16(device) else None
         bf16_text = f"{bf16_peak:.0f} GFLOP/s" if bf16_peak else "not native here, not measured"
         print(f"device {device}; Conv3d peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_text}\n")
+        if args.compare:
+            compare_variants(args, data_dir, Path(tmp), device, runtime)
+            return
         rows = []
         for size in args.sizes:
             batch = args.batch_size if size <= 64 else max(1, args.batch_size // 4)
-            config = load_config(
-                None,
-                [
-                    f"plan.target_shape=[{size},{size},{size}]",
-                    f"model.base_channels={args.base_channels}",
-                    f"train.batch_size={batch}",
-                    "train.max_steps=1000000",
-                    "cache.workers=2",
-                    *args.overrides,
-                ],
-            )
+            config = benchmark_config(args, size, batch, args.overrides)
             from medsynth.pipeline import prepare_dataset
 
             prepared = prepare_dataset(data_dir, config, cache_dir=Path(tmp) / "cache")
