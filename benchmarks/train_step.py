@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from medsynth.config import load_config
 from medsynth.distributed import Runtime, resolve_device
 from medsynth.losses import discriminator_loss, generator_loss
 from medsynth.models import build_models
-from medsynth.precision import choose_precision, machine_description, median_seconds, native_bf16
+from medsynth.precision import choose_precision, elapsed_seconds, machine_description, median_seconds, native_bf16
 from medsynth.runs import describe_models
 from medsynth.train import Trainer
 
@@ -109,13 +110,17 @@ def benchmark_config(args: argparse.Namespace, size: int, batch: int, overrides:
     )
 
 
+def run_steps(trainer: Trainer, steps: int) -> None:
+    for _ in range(steps):
+        trainer.train_step()
+
+
 def compare_variants(
     args: argparse.Namespace, data_dir: Path, tmp: Path, device: torch.device, runtime: Runtime
 ) -> None:
     """The baseline and each --compare variant, timed in turns in one process (see the docstring)."""
     import shlex
     import statistics
-    import time
 
     from medsynth.pipeline import prepare_dataset
 
@@ -138,14 +143,8 @@ def compare_variants(
             trainers.append((name, trainer, []))
         for _ in range(args.rounds):
             for _, trainer, rounds in trainers:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    trainer.train_step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                rounds.append((time.perf_counter() - start) / args.steps)
+                turn = partial(run_steps, trainer, args.steps)
+                rounds.append(elapsed_seconds(turn, device) / args.steps)
         base = statistics.median(trainers[0][2])
         for name, trainer, rounds in trainers:
             seconds = statistics.median(rounds)

@@ -80,23 +80,22 @@ def bf16_time_ratio(device_name: str, repeats: int = 3) -> float:
     return ratio
 
 
+def elapsed_seconds(work, device: torch.device) -> float:
+    """Wall time of one `work()`, synchronising CUDA around it so queued kernels are counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(work, repeats: int, device: torch.device) -> float:
     """Median wall time of `work()` over `repeats` calls, after one warm-up call (allocations,
-    oneDNN primitive creation), synchronising CUDA around each so queued kernels are counted."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    oneDNN primitive creation)."""
     work()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        work()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(elapsed_seconds(work, device) for _ in range(repeats))
 
 
 def _measure_bf16_time_ratio(device: torch.device, repeats: int) -> float:
