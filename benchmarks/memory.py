@@ -15,6 +15,11 @@ For each size:
     as a ratio.
 With --compare NAME='SETTINGS', each variant is probed beside the baseline at every size and
 batch instead, with ratios (e.g. the hierarchical model against the plain one at the same width).
+With --tensors as well, each is also measured as CUDA's `max_memory_allocated` would measure it:
+the peak of live tensor bytes over one training step (after a warm-up step), from the profiler's
+memory timeline, split by what the tensors are (parameters, optimiser state, gradients,
+activations, ...) at that moment. A process's resident peak on a CPU also holds the libraries'
+code, oneDNN's buffers and the allocator's slack, none of which a GPU's tensor memory counts.
 The brain preset's model (width 32, pack 2) unless --set says otherwise; batch 1 is not possible
 with pack 2. First says where it ran: CPU, cores, ISA, torch.
 """
@@ -110,6 +115,11 @@ def main() -> None:
         metavar="NAME=SETTINGS",
         help="a variant (space-separated --set overrides) probed beside the baseline at every size and batch, "
         "with the ratios: e.g. hierarchical='model.hierarchical_slabs=8'",
+    )
+    parser.add_argument(
+        "--tensors",
+        action="store_true",
+        help="with --compare: also each variant's peak of live tensor bytes in one step, by category",
     )
     args = parser.parse_args()
     if args.real_only:
@@ -259,6 +269,8 @@ def compare_variants(args) -> None:
                 amp = "bf16" if _bf16(config) else "off"
                 probe = memory.probe(config, plan, "train", "cpu", amp, batch)
                 row = {"size": size, "batch": batch, "variant": name, "amp": amp, **dataclasses.asdict(probe)}
+                if args.tensors:
+                    row["tensors"] = tensor_peak(config, plan, amp, batch)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
@@ -274,8 +286,70 @@ def compare_variants(args) -> None:
             f"{memory.describe_bytes(row['step_peak_bytes'])} | {memory.describe_bytes(above)} | "
             f"{above / base_above:.2f} | {row['seconds']:.1f} s | {row['seconds'] / base['seconds']:.2f} |"
         )
+    if args.tensors:
+        print_tensor_table(rows)
     if args.out:
         args.out.write_text(json.dumps({"machine": machine_description(torch.device("cpu")), "rows": rows}, indent=1))
+
+
+# The profiler's memory categories, in the order of the rows of its exported timeline (after a
+# leading 0): torch.profiler._memory_profiler's _CATEGORY_TO_INDEX, None being "unknown".
+TENSOR_CATEGORIES = (
+    "parameters",
+    "optimiser state",
+    "inputs",
+    "temporaries",
+    "activations",
+    "gradients",
+    "autograd detail",
+    "unknown",
+)
+
+
+def tensor_peak(config, plan, amp: str, batch: int) -> dict:
+    """The peak of live tensor bytes over one training step at `batch` (what CUDA's
+    `max_memory_allocated` counts, here on the CPU), after a warm-up step so that the optimiser
+    states exist, and the bytes of each category at that moment. In this process: the profiler
+    records every tensor the step allocates or frees, and every older one it touches (the weights,
+    the EMA, Adam's moments)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medsynth.config import replace
+    from medsynth.distributed import Runtime
+
+    config = replace(config, train=replace(config.train, batch_size=batch, amp=amp))
+    with tempfile.TemporaryDirectory(prefix="medsynth-tensors-") as tmp:
+        trainer = memory.random_volume_trainer(config, plan, Runtime(device=torch.device("cpu")), Path(tmp))
+        try:
+            trainer.train_step()
+            with profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+            ) as prof:
+                trainer.train_step()
+        finally:
+            trainer.metrics.close()
+        timeline = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(timeline), device="cpu")
+        _times, sizes = json.loads(timeline.read_text())
+    totals = [sum(row) for row in sizes]
+    at_peak = sizes[max(range(len(totals)), key=totals.__getitem__)][1:]  # (categories,), the leading 0 dropped
+    return {"peak_bytes": max(totals), "by_category": dict(zip(TENSOR_CATEGORIES, at_peak, strict=True))}
+
+
+def print_tensor_table(rows: list[dict]) -> None:
+    """The tensor peaks beside the baseline's, and what they hold at that moment."""
+    shown = [c for c in TENSOR_CATEGORIES if any(r["tensors"]["by_category"][c] for r in rows)]
+    print("\nLive tensors, one training step (what CUDA's max_memory_allocated counts):\n")
+    print("| size | batch | variant | tensor peak | ratio to baseline | " + " | ".join(shown) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(shown))
+    for row in rows:
+        base = next(r for r in rows if r["size"] == row["size"] and r["batch"] == row["batch"])
+        tensors = row["tensors"]
+        parts = " | ".join(memory.describe_bytes(tensors["by_category"][c]) for c in shown)
+        print(
+            f"| {row['size']}³ | {row['batch']} | {row['variant']} | {memory.describe_bytes(tensors['peak_bytes'])} | "
+            f"{tensors['peak_bytes'] / base['tensors']['peak_bytes']:.2f} | {parts} |"
+        )
 
 
 def _bf16(config) -> bool:
