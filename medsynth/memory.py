@@ -8,7 +8,7 @@ shape, width, batch and precision, on random volumes; or one sampling batch of t
 
 - CUDA: `torch.cuda.max_memory_allocated` after the step (what the caching allocator handed out),
   against the device's free memory.
-- CPU: the child's peak resident memory (`ru_maxrss`), PyTorch itself included, against the
+- CPU: the child's peak resident memory (VmHWM), PyTorch itself included, against the
   memory the machine has available (`MemAvailable`, or a cgroup's limit if lower).
 
 A real run's memory is the probe's plus the volumes it memory-maps from the cache (counted apart,
@@ -168,22 +168,33 @@ def probe(config, plan, kind: str, device: str, amp: str, batch_size: int, steps
     return MemoryProbe(**json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes, or None."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def _resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def peak_bytes(device) -> int:
-    """This process's peak so far: CUDA's max_memory_allocated on `device`, else peak resident memory."""
+    """This process's peak so far: CUDA's max_memory_allocated on `device`, else peak resident memory.
+
+    On Linux the resident peak is VmHWM, the high-water mark of this program's own memory. Not
+    `ru_maxrss`: exec keeps the larger of it and the parent's peak at the fork, so a probe started
+    by a process that had held 4 GiB reported 4 GiB whatever it measured (benchmarks/memory.py
+    --tensors did that). ru_maxrss is the fallback where /proc is not."""
     import resource
 
     import torch
 
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB
 
 
 def _measure(request: dict[str, Any]) -> MemoryProbe:

@@ -180,3 +180,21 @@ def test_activation_checkpointing_changes_memory_not_numbers(phantom_dir, tmp_pa
     _assert_identical(_state(tmp_path / "plain"), _state(tmp_path / "lean"))
     switched = tiny_config("train.max_steps=4", *common[1:], "train.activation_checkpointing=true")
     assert train_run(phantom_dir, tmp_path / "plain", switched, cpu_runtime()).resumed_from == 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_a_probe_child_reports_its_own_peak_not_its_parents():
+    """ru_maxrss survives exec: a child of a process that once held 1 GiB reported 1 GiB whatever it
+    measured. The probe's figure (VmHWM) is the child's own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(1024 * MIB // 8)  # 1 GiB, touched, held by this (the parent) process
+    child = subprocess.run(
+        [sys.executable, "-c", "from medsynth.memory import peak_bytes; print(peak_bytes('cpu'))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert held.sum() > 0
+    assert int(child.stdout.strip()) < 700 * MIB  # PyTorch's import is about 250 MiB; the parent's 1 GiB is not in it
