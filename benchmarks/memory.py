@@ -122,6 +122,8 @@ def main() -> None:
         help="with --compare: also each variant's peak of live tensor bytes in one step, by category",
     )
     args = parser.parse_args()
+    if args.tensors and not args.compare:
+        parser.error("--tensors goes with --compare (a baseline and its variants)")
     if args.real_only:
         real_only(args)
         return
