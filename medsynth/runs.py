@@ -327,7 +327,15 @@ def train_run(
         (on_event or say)(trainer.precision.warning)
     if config.train.max_minutes is not None:
         left = config.train.max_minutes - trainer.trained_seconds() / 60
-        say(f"time budget: {left:.1f} of {config.train.max_minutes:g} minutes of training left (train.max_minutes)")
+        say(
+            f"time budget: {left:.1f} of {config.train.max_minutes:g} minutes of training left (train.max_minutes)"
+            + (
+                f"; the checkpoint at step {trainer.step} was written before medsynth kept a training clock,"
+                " so the training before it is not counted"
+                if trainer.clock_missing
+                else ""
+            )
+        )
     step = trainer.fit()
     return RunResult(
         run_dir, step, int(resume["step"]) if resume else None, len(prepared.entries), len(prepared.skipped)

@@ -281,11 +281,13 @@ class Trainer:
         # The training clock (train.max_minutes): seconds trained in earlier sessions of this run,
         # and when this session's training began. A rollback goes back in steps, not in time.
         self._trained_before = 0.0
+        self.clock_missing = False  # resumed from a checkpoint older than the clock: its time is unknown
         self._clock_start: float | None = None
         self.out_of_time = False
         if resume is not None:
             self._restore(resume)
             self._trained_before = float(resume.get("clock", {}).get("trained_seconds", 0.0))
+            self.clock_missing = "clock" not in resume
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)

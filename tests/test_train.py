@@ -147,6 +147,23 @@ def test_a_time_budget_ends_the_run_and_counts_over_resumes(phantom_dir, tmp_pat
     assert load_checkpoint(tmp_path / "run")["clock"]["trained_seconds"] > payload["clock"]["trained_seconds"]
 
 
+def test_a_checkpoint_without_a_clock_resumes_and_says_its_time_is_not_counted(phantom_dir, tmp_path):
+    """Checkpoints written before the training clock existed resume with the whole budget left,
+    and the budget line says so instead of implying a fresh run."""
+    train_run(phantom_dir, tmp_path / "run", tiny("train.max_steps=1"), CPU)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=False)
+    del payload["clock"]
+    torch.save(payload, last)
+    said: list[str] = []
+    more = train_run(
+        phantom_dir, tmp_path / "run", tiny("train.max_steps=2", "train.max_minutes=60"), CPU, on_message=said.append
+    )
+    assert more.resumed_from == 1 and more.step == 2
+    budget = next(line for line in said if line.startswith("time budget"))
+    assert "60.0 of 60 minutes" in budget and "step 1 was written before medsynth kept a training clock" in budget
+
+
 def test_the_progress_line_counts_down_a_time_budget(capsys):
     from medsynth.console import TrainingDisplay
 
