@@ -286,8 +286,9 @@ class Trainer:
         self.out_of_time = False
         if resume is not None:
             self._restore(resume)
-            self._trained_before = float(resume.get("clock", {}).get("trained_seconds", 0.0))
-            self.clock_missing = "clock" not in resume
+            clock = resume.get("clock")
+            self.clock_missing = clock is None
+            self._trained_before = float((clock or {}).get("trained_seconds", 0.0))
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step, enabled=runtime.is_main)
