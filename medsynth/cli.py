@@ -848,7 +848,13 @@ def _memory_rows(planned, settings) -> list[list[str]]:
         ]
     )
     largest = planned.largest_batch
-    rows.append(["largest batch that fits", str(largest) if largest else f"none (not even {settings.model.pack})"])
+    if largest is None:
+        fitting = f"none (not even {settings.model.pack})"
+    elif planned.limited_by_data:  # memory is not what stops it: `auto` takes at most one batch an epoch
+        fitting = f"{largest}, the data's limit (one batch an epoch); memory would allow more"
+    else:
+        fitting = str(largest)
+    rows.append(["largest batch that fits", fitting])
     rows.append(
         [
             "activation checkpointing",

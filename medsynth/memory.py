@@ -286,6 +286,14 @@ class PlannedMemory:
     available_bytes: int
     cache_bytes: int  # the preprocessed volumes a run memory-maps (page cache, reclaimable)
     largest_batch: int | None  # the largest batch predicted to fit; None if not even the smallest
+    batch_limit: int = 64  # the most `auto` may take: 64, or fewer where the data has fewer volumes
+
+    @property
+    def limited_by_data(self) -> bool:
+        """True where `largest_batch` is the data's limit, not memory's: a larger batch would fit."""
+        if self.largest_batch is None or self.largest_batch * 2 <= self.batch_limit:
+            return False
+        return predicted_bytes(list(self.probes), self.largest_batch * 2) <= self.budget_bytes
 
     @property
     def fits(self) -> bool:
@@ -302,6 +310,7 @@ class PlannedMemory:
             "measured": self.measured,
             "fits": self.fits,
             "largest_batch": self.largest_batch,
+            "batch_limit": self.batch_limit,
             "available_bytes": self.available_bytes,
             "budget_bytes": self.budget_bytes,
             "cache_bytes": self.cache_bytes,
@@ -406,7 +415,7 @@ def plan_memory(
     sample = probe(config, plan, "sample", device, "off", SAMPLE_BATCH) if measure_sampling else None
     return PlannedMemory(
         batch, int(peak), measured is not None, tuple(sorted(probes, key=lambda p: p.batch_size)), sample, available,
-        cache_bytes, largest_batch,
+        cache_bytes, largest_batch, largest,
     )  # fmt: skip
 
 

@@ -82,6 +82,19 @@ def test_auto_takes_the_largest_batch_that_fits_and_measures_it(monkeypatch):
     assert measured[-1] == 4
 
 
+def test_the_dry_run_says_when_the_data_not_memory_limits_the_batch(monkeypatch):
+    """8 training volumes cap `auto` at 8; the dry run must not let that read as memory's limit."""
+    _fake_probes(monkeypatch, per_volume_mib=100)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(10_000 * MIB / memory.SAFETY))
+    roomy = memory.plan_memory(tiny_config("train.batch_size=2"), _plan(), "cpu", measure_sampling=False, largest=8)
+    assert roomy.largest_batch == 8 and roomy.limited_by_data  # 16 would need 1900 of 10000 MiB
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(1200 * MIB / memory.SAFETY))
+    tight = memory.plan_memory(tiny_config("train.batch_size=2"), _plan(), "cpu", measure_sampling=False, largest=8)
+    assert tight.largest_batch == 8 and not tight.limited_by_data  # 16 (1900 MiB) would not fit either
+    memory_bound = memory.plan_memory(tiny_config("train.batch_size=2"), _plan(), "cpu", measure_sampling=False)
+    assert memory_bound.largest_batch == 8 and not memory_bound.limited_by_data  # 64 allowed, 16 does not fit
+
+
 def _plan(shape=(16, 16, 16)):
     return a_plan(shape)  # test_labels' minimal MR plan
 
