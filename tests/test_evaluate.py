@@ -247,6 +247,7 @@ def test_summary_rows_and_verdict_read_the_report(same_report):
     lines = verdict(report)
     assert [line.split(":")[0] for line in lines] == ["Realism", "Diversity", "Privacy"]
     assert "could not reliably tell the sets apart" in lines[0] and "no sign of copying" in lines[2]
+    assert "about as alike as real ones" in lines[1]  # two draws of one distribution
     # Without --train there is no memorisation audit: the verdict says so and the table drops its rows.
     unaudited = {key: value for key, value in report.items() if key != "memorisation"}
     assert verdict(unaudited)[2].startswith("Privacy: not audited")
@@ -325,6 +326,20 @@ def test_ms_ssim_is_one_for_identical_volumes_and_falls_with_noise():
     scores = [ms_ssim(volume, volume + torch.randn_like(volume) * level).item() for level in (0.0, 0.05, 0.2, 1.0)]
     assert abs(scores[0] - 1.0) < 1e-5
     assert scores == sorted(scores, reverse=True) and scores[-1] < 0.5
+
+
+def test_ms_ssim_reads_signed_volumes_as_intensities_from_their_lower_bound():
+    """On [-1, 1] volumes, mid-grey regions just either side of zero are nearly alike; SSIM's
+    luminance term, written for non-negative intensities, once scored them as opposites."""
+    brighter = torch.full((1, 1, 32, 32, 32), 0.05)
+    darker = torch.full((1, 1, 32, 32, 32), -0.05)
+    assert ms_ssim(brighter, darker).item() > 0.99
+    # The same as the classical figure on the volumes shifted into [0, 2].
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 1, 1, 32, 32, 32) * 2 - 1
+    assert torch.allclose(ms_ssim(a, b), ms_ssim(a + 1, b + 1, low=0.0), atol=1e-6)
+    # Where the shift matters, it is only through the luminance term: plainly different means still score low.
+    assert ms_ssim(torch.full_like(a, -1.0), torch.full_like(a, 1.0)).item() < 0.2
 
 
 def test_separable_blur_matches_a_direct_convolution():

@@ -384,10 +384,16 @@ def verdict(report: dict[str, Any]) -> list[str]:
                 f"({real:.3f}), the signature of mode collapse."
             )
         else:
+            gap = synthetic - real
+            if abs(gap) <= 0.05:
+                how = "about as alike as real ones"
+            elif gap < 0:
+                how = "less alike than real ones (noise and implausible variety both lower MS-SSIM: read the realism line)"
+            else:
+                how = "somewhat more alike than real ones, within the intervals' reach"
             lines.append(
-                f"Diversity: no sign of mode collapse; synthetic volumes are no more alike than real ones "
-                f"(mean pairwise MS-SSIM {synthetic:.3f} vs {real:.3f}). Noise lowers MS-SSIM too, so read this "
-                "beside the realism line."
+                f"Diversity: no sign of mode collapse; synthetic volumes are {how} "
+                f"(mean pairwise MS-SSIM {synthetic:.3f} vs {real:.3f}; higher means more alike)."
             )
     memo = report.get("memorisation")
     if memo:

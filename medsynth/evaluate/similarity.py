@@ -58,14 +58,22 @@ _MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def ms_ssim(
-    a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int = 7, sigma: float = 1.5
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, low: float = -1.0, window: int = 7, sigma: float = 1.5
 ) -> torch.Tensor:
-    """3D multi-scale SSIM of pairs: a, b (B, 1, X, Y, Z) -> (B,).
+    """3D multi-scale SSIM of pairs: a, b (B, 1, X, Y, Z), intensities in [low, low + data_range]
+    (medsynth's [-1, 1] by default) -> (B,).
+
+    SSIM is defined for non-negative intensities, [0, data_range]: its luminance term
+    (2 mu_a mu_b + c1) / (mu_a² + mu_b² + c1) turns negative where two local means straddle zero,
+    so on [-1, 1] volumes mid-grey regions of +0.05 and -0.05 scored -0.85 (clamped to 0), and the
+    coarsest scale's luminance decided the whole figure. The volumes are shifted to [0, data_range]
+    first; the contrast-structure terms do not change with the shift.
 
     Volumes of 32-64 voxels are too small for the original five scales with an 11-voxel window,
     so this uses a 7-voxel window and as many scales as fit (at least 2), with the original
     weights renormalised over them.
     """
+    a, b = a - low, b - low
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     kernel = _gaussian_window(window, sigma).to(a.device)
     scales = 1
