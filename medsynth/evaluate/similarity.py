@@ -65,7 +65,7 @@ def ms_ssim(
 
     SSIM is defined for non-negative intensities, [0, data_range]: its luminance term
     (2 mu_a mu_b + c1) / (mu_a² + mu_b² + c1) turns negative where two local means straddle zero,
-    so on [-1, 1] volumes mid-grey regions of +0.05 and -0.05 scored -0.85 (clamped to 0), and the
+    so on [-1, 1] volumes mid-grey regions of +0.05 and -0.05 scored -0.85 (clamped to 1e-6), and the
     coarsest scale's luminance decided the whole figure. The volumes are shifted to [0, data_range]
     first; the contrast-structure terms do not change with the shift.
 
