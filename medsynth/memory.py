@@ -286,7 +286,7 @@ class PlannedMemory:
     available_bytes: int
     cache_bytes: int  # the preprocessed volumes a run memory-maps (page cache, reclaimable)
     largest_batch: int | None  # the largest batch predicted to fit; None if not even the smallest
-    batch_limit: int = 64  # the most `auto` may take: 64, or fewer where the data has fewer volumes
+    batch_limit: int  # the most `auto` may take (`largest_useful_batch`): 64, or fewer where the data has fewer volumes
 
     @property
     def limited_by_data(self) -> bool:
